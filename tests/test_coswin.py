@@ -1,0 +1,432 @@
+"""CoSwin (coswin.py): every mechanism checked against the math or against a reference computed another
+way (loops over tokens; a functional re-statement of the official Swin forward)."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import coswin
+from coswin import (CoSwin, CoSwinConfig, SwinBlock, WindowAttention, load_swin_checkpoint,
+                    relative_position_index, resize_window, shifted_window_mask, window_partition,
+                    window_reverse)
+
+
+def small_cfg(**kw):
+    base = dict(embed_dim=16, depths=(2, 2), num_heads=(2, 4), window_size=4, drop_path_rate=0.0)
+    base.update(kw)
+    return CoSwinConfig(**base)
+
+
+# ---------------------------------------------------------------------------------------------------
+# window helpers
+
+
+def test_partition_reverse_round_trip_and_window_contents():
+    x = torch.randn(2, 12, 8, 5)
+    w = window_partition(x, 4)
+    assert torch.equal(window_reverse(w, 4, 12, 8), x)
+    # window k (row-major over the 3×2 grid of windows of image b) holds the 4×4 block at (k//2, k%2)
+    for b in range(2):
+        for k in range(6):
+            i, j = divmod(k, 2)
+            block = x[b, 4 * i:4 * i + 4, 4 * j:4 * j + 4].reshape(16, 5)
+            assert torch.equal(w[b * 6 + k], block)
+
+
+def test_relative_position_index_matches_loops():
+    for M, T in [(3, 3), (4, 4), (2, 4)]:
+        idx = relative_position_index(M, T)
+        for i in range(M * M):
+            for j in range(M * M):
+                dh = i // M - j // M
+                dw = i % M - j % M
+                assert idx[i, j] == (dh + T - 1) * (2 * T - 1) + (dw + T - 1)
+    assert relative_position_index(7).max() == 13 * 13 - 1
+
+
+def _orig_coords(Hp, Wp, M, s):
+    """For each (window, token) of the shifted, padded map: the token's (h, w) in the unshifted map."""
+    hh, ww = torch.meshgrid(torch.arange(Hp), torch.arange(Wp), indexing="ij")
+    grid = torch.stack([hh, ww], -1)
+    grid = torch.roll(grid, shifts=(-s, -s), dims=(0, 1))  # what sits at each rolled position
+    return window_partition(grid[None], M)  # (nW, M², 2)
+
+
+@pytest.mark.parametrize("H,W,M,s", [(8, 8, 4, 2), (11, 13, 4, 2), (14, 14, 7, 3), (9, 9, 3, 1)])
+def test_mask_never_attends_across_regions(H, W, M, s):
+    """Probabilities of the plain path are > 0 exactly for key tokens that are real and were within a
+    window's reach of the query in the *unshifted* image, never for wrapped-around or padded tokens."""
+    torch.manual_seed(0)
+    blk = SwinBlock(8, 2, M, s, fused=False).eval()
+    blk.attn.keep_attn = True
+    blk(torch.randn(1, H, W, 8))
+    Hp, Wp = math.ceil(H / M) * M, math.ceil(W / M) * M
+    nW = (Hp // M) * (Wp // M)
+    probs = blk.attn.last_attn.view(1, nW, 2, M * M, M * M)[0]  # (nW, heads, N, N)
+    coords = _orig_coords(Hp, Wp, M, s)
+    for w in range(nW):
+        c = coords[w]
+        real = (c[:, 0] < H) & (c[:, 1] < W)
+        near = ((c[:, None, 0] - c[None, :, 0]).abs() < M) & ((c[:, None, 1] - c[None, :, 1]).abs() < M)
+        allowed = near & real[None, :]
+        for q in range(M * M):
+            if not real[q]:
+                continue  # padded queries are cropped away
+            p = probs[w, :, q]
+            assert torch.all(p[:, ~allowed[q]] == 0)
+            assert torch.all(p[:, allowed[q]] > 0)
+            torch.testing.assert_close(p.sum(-1), torch.ones(2))
+
+
+def test_mask_none_when_nothing_to_mask():
+    assert shifted_window_mask(8, 8, 4, 0) is None
+    m = shifted_window_mask(8, 8, 4, 2)
+    assert m.shape == (4, 16, 16)
+    assert torch.all(m[0] == 0)  # the top-left window has no wrapped-around tokens
+    assert torch.isinf(m[3]).any()  # the bottom-right one mixes four regions
+
+
+# ---------------------------------------------------------------------------------------------------
+# attention and blocks
+
+
+def _block_reference(blk: SwinBlock, x: torch.Tensor) -> torch.Tensor:
+    """The Swin block written token by token from the paper's definition, without roll or padding:
+    a query attends to the real tokens of its (shifted) window that were adjacent in the image."""
+    B, H, W, C = x.shape
+    M, s = blk.window_and_shift(H, W)
+    Hp, Wp = math.ceil(H / M) * M, math.ceil(W / M) * M
+    attn = blk.attn
+    heads, d = attn.num_heads, C // attn.num_heads
+    y = blk.norm1(x)
+    qkv = attn.qkv(y).view(B, H, W, 3, heads, d)
+    table = attn.relative_position_bias_table
+    T = attn.window_size
+    out = torch.zeros(B, H, W, C, dtype=x.dtype)
+    for h in range(H):
+        for w in range(W):
+            r, c = (h - s) % Hp, (w - s) % Wp  # position in the rolled frame
+            keys = [(h2, w2) for h2 in range(H) for w2 in range(W)
+                    if ((h2 - s) % Hp) // M == r // M and ((w2 - s) % Wp) // M == c // M
+                    and (h2 < s) == (h < s) and (w2 < s) == (w < s)]
+            q = qkv[:, h, w, 0]  # (B, heads, d)
+            k = torch.stack([qkv[:, a, b, 1] for a, b in keys], 1)  # (B, n, heads, d)
+            v = torch.stack([qkv[:, a, b, 2] for a, b in keys], 1)
+            bias = torch.stack([table[(r - (a - s) % Hp + T - 1) * (2 * T - 1) + (c - (b - s) % Wp + T - 1)]
+                                for a, b in keys])  # (n, heads)
+            logits = torch.einsum("bhd,bnhd->bhn", q, k) * d ** -0.5 + bias.T[None]
+            out[:, h, w] = torch.einsum("bhn,bnhd->bhd", logits.softmax(-1), v).reshape(B, C)
+    z = x + attn.proj(out)
+    return z + blk.mlp(blk.norm2(z))
+
+
+@pytest.mark.parametrize("H,W,shift", [(8, 8, 0), (8, 8, 2), (7, 10, 0), (11, 13, 2)])
+@pytest.mark.parametrize("fused", [True, False])
+def test_block_equals_token_loop_reference(H, W, shift, fused):
+    torch.manual_seed(1)
+    blk = SwinBlock(8, 2, 4, shift, fused=fused).double().eval()
+    x = torch.randn(2, H, W, 8, dtype=torch.float64)
+    torch.testing.assert_close(blk(x), _block_reference(blk, x))
+
+
+def test_fused_and_plain_paths_agree_on_whole_model():
+    torch.manual_seed(0)
+    m = coswin.build("toy").eval()
+    x = torch.randn(2, 3, 61, 75)
+    fused = m.forward_features(x)
+    m.set_fused_attention(False)
+    plain = m.forward_features(x)
+    for a, b in zip(fused, plain):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_shift_dropped_when_map_fits_in_window():
+    torch.manual_seed(0)
+    shifted = SwinBlock(8, 2, 4, 2).eval()
+    plain = SwinBlock(8, 2, 4, 0).eval()
+    plain.load_state_dict(shifted.state_dict())
+    x = torch.randn(1, 4, 4, 8)
+    assert shifted.window_and_shift(4, 4) == (4, 0)
+    torch.testing.assert_close(shifted(x), plain(x))
+    # on a larger map the shift matters
+    x = torch.randn(1, 8, 8, 8)
+    assert not torch.allclose(shifted(x), plain(x))
+
+
+def test_small_map_uses_centre_of_bias_table():
+    """A 3×3 map with window 4: attention over the 3×3 window reads table rows for |Δ| ≤ 2."""
+    torch.manual_seed(0)
+    blk = SwinBlock(8, 2, 4, 2).double().eval()
+    x = torch.randn(1, 3, 5, 8, dtype=torch.float64)  # min side 3 ≤ 4: window 3, no shift
+    torch.testing.assert_close(blk(x), _block_reference(blk, x))
+
+
+def test_padding_does_not_change_real_tokens():
+    """Real outputs are independent of what the padded positions hold: change the block's padding value
+    (by patching F.pad inside coswin) and the real outputs stay the same."""
+    torch.manual_seed(0)
+    blk = SwinBlock(8, 2, 4, 2).eval()
+    x = torch.randn(1, 7, 10, 8)
+    ref = blk(x)
+    orig_pad = coswin.F.pad
+    try:
+        coswin.F.pad = lambda t, p, *a, **k: orig_pad(t, p, value=3.7) if t.dim() == 4 else orig_pad(t, p, *a, **k)
+        changed = blk(x)
+    finally:
+        coswin.F.pad = orig_pad
+    torch.testing.assert_close(ref, changed)
+
+
+def test_odd_image_sizes_run_and_match_the_grid():
+    m = coswin.build("toy").eval()
+    maps = m.forward_features(torch.randn(1, 3, 97, 131))
+    sizes = [tuple(f.shape[-2:]) for f in maps]
+    h, w = (97 + 4 - 7) // 4 + 1, (131 + 4 - 7) // 4 + 1  # CvT stem 7/4/2
+    expect = []
+    for _ in range(4):
+        expect.append((h, w))
+        h, w = (h + 1) // 2, (w + 1) // 2  # 3/2/1
+    assert sizes == expect
+    assert all(torch.isfinite(f).all() for f in maps)
+
+
+# ---------------------------------------------------------------------------------------------------
+# the model
+
+
+def test_forward_is_pooled_final_map_and_head():
+    torch.manual_seed(0)
+    m = coswin.build("toy", num_classes=5).eval()
+    x = torch.randn(2, 3, 64, 64)
+    last = m.forward_features(x)[-1]
+    assert last.shape[1] == m.num_features
+    torch.testing.assert_close(m(x), m.head(last.mean(dim=(2, 3))))
+    # the final LayerNorm was applied: each token of the last map has ~zero mean over channels
+    m.norm.weight.data.fill_(1.0), m.norm.bias.data.zero_()
+    tok = m.forward_features(x)[-1].permute(0, 2, 3, 1)
+    torch.testing.assert_close(tok.mean(-1), torch.zeros(tok.shape[:-1]), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("embed", ["conv", "patch"])
+def test_every_parameter_gets_a_gradient(embed):
+    torch.manual_seed(0)
+    m = coswin.build("toy", embed=embed, num_classes=3)
+    m(torch.randn(2, 3, 64, 64)).square().sum().backward()
+    for name, p in m.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+        assert p.grad.abs().sum() > 0, name
+
+
+def test_grad_checkpointing_matches_plain_with_drop_path():
+    torch.manual_seed(0)
+    m = coswin.build("toy", drop_path_rate=0.3)
+    m.train()
+    x = torch.randn(4, 3, 48, 48)
+
+    def run(ckpt):
+        m.set_grad_checkpointing(ckpt)
+        m.zero_grad()
+        torch.manual_seed(123)
+        out = m(x)
+        out.square().mean().backward()
+        return out.detach(), {n: p.grad.clone() for n, p in m.named_parameters()}
+
+    out0, g0 = run(False)
+    out1, g1 = run(True)
+    torch.testing.assert_close(out0, out1)
+    for n in g0:
+        torch.testing.assert_close(g0[n], g1[n], msg=n)
+
+
+def test_drop_path_rises_linearly():
+    m = coswin.build("tiny", drop_path_rate=0.2)
+    rates = [b.drop_path.p for layer in m.layers for b in layer.blocks]
+    torch.testing.assert_close(torch.tensor(rates), torch.linspace(0, 0.2, 12))
+
+
+SWIN_PARAMS = {"tiny": 28.3e6, "small": 49.6e6, "base": 87.8e6, "large": 196.5e6}
+
+
+@pytest.mark.parametrize("name", list(SWIN_PARAMS))
+def test_swin_presets_match_published_parameter_counts(name):
+    n = coswin.count_params(name, embed="patch", num_classes=1000)
+    assert abs(n - SWIN_PARAMS[name]) < 0.05e6, n
+
+
+def test_huge_is_within_3_percent_of_florence_and_counting_does_not_allocate():
+    n = coswin.count_params("huge")
+    assert abs(n - 637e6) / 637e6 < 0.03, n
+    with torch.device("meta"):
+        m = coswin.build("huge")
+    assert all(p.is_meta for p in m.parameters())
+    # CoSwin differs from Swin only by the embeddings: the conv stem and 3×3 transitions add parameters
+    assert coswin.count_params("tiny") > coswin.count_params("tiny", embed="patch")
+
+
+def test_conv_embedding_is_conv_then_layernorm():
+    torch.manual_seed(0)
+    m = coswin.build("toy")
+    x = torch.randn(1, 3, 32, 40)
+    emb = m.patch_embed
+    y = F.conv2d(x, emb.proj.weight, emb.proj.bias, stride=4, padding=2).permute(0, 2, 3, 1)
+    y = F.layer_norm(y, (y.shape[-1],), emb.norm.weight, emb.norm.bias)
+    torch.testing.assert_close(emb(x), y)
+    assert emb.proj.kernel_size == (7, 7) and m.layers[0].downsample.proj.kernel_size == (3, 3)
+
+
+# ---------------------------------------------------------------------------------------------------
+# window resize (224 → 384) and official checkpoints
+
+
+def test_resize_window_keeps_constant_table_and_outputs_finite():
+    torch.manual_seed(0)
+    m = coswin.build("toy").eval()
+    for mod in m.modules():
+        if isinstance(mod, WindowAttention):
+            mod.relative_position_bias_table.data.fill_(0.25)
+    resize_window(m, 6)
+    for mod in m.modules():
+        if isinstance(mod, WindowAttention):
+            t = mod.relative_position_bias_table
+            assert t.shape[0] == 11 * 11
+            torch.testing.assert_close(t, torch.full_like(t, 0.25))
+    out = m.forward_features(torch.randn(1, 3, 96, 96))
+    assert all(torch.isfinite(f).all() for f in out)
+    assert m.layers[0].blocks[1].window_and_shift(24, 24) == (6, 3)
+
+
+def test_resize_window_state_dict_equals_model_path():
+    torch.manual_seed(0)
+    a = coswin.build("toy").eval()
+    sd = resize_window(a.state_dict(), 6)
+    assert not any(k.endswith("relative_position_index") for k in sd)
+    b = coswin.build("toy", window_size=6).eval()
+    b.load_state_dict(sd)
+    resize_window(a, 6)
+    x = torch.randn(1, 3, 96, 96)
+    torch.testing.assert_close(a(x), b(x))
+    # a smooth table stays close to the function it samples
+    t = torch.linspace(-1, 1, 7)
+    grid = (t[:, None] ** 2 + t[None, :] ** 2).reshape(49, 1)
+    big = coswin.resize_bias_table(grid, 7)  # 7×7 → 13×13
+    assert big.shape == (169, 1) and abs(big.max() - 2.0) < 0.2 and big.min() < 0.1
+
+
+def _official_swin_forward(sd, cfg, x):
+    """The official Swin forward (microsoft/Swin-Transformer models/swin_transformer.py), restated
+    functionally on an official-layout state dict: slice-built mask with −100, PatchMerging x0..x3."""
+    def ln(t, p):
+        return F.layer_norm(t, (t.shape[-1],), sd[p + ".weight"], sd[p + ".bias"])
+
+    def lin(t, p, bias=True):
+        return F.linear(t, sd[p + ".weight"], sd.get(p + ".bias") if bias else None)
+
+    x = F.conv2d(x, sd["patch_embed.proj.weight"], sd["patch_embed.proj.bias"], stride=4)
+    B, C, H, W = x.shape
+    x = ln(x.flatten(2).transpose(1, 2), "patch_embed.norm")  # (B, L, C)
+    M0 = cfg.window_size
+    for i, depth in enumerate(cfg.depths):
+        heads = cfg.num_heads[i]
+        M = min(M0, H, W)
+        for j in range(depth):
+            p = f"layers.{i}.blocks.{j}"
+            s = 0 if (j % 2 == 0 or min(H, W) <= M0) else M0 // 2
+            shortcut = x
+            y = ln(x, p + ".norm1").view(B, H, W, -1)
+            if s:
+                y = torch.roll(y, (-s, -s), (1, 2))
+                img = torch.zeros(1, H, W, 1)
+                cnt = 0
+                for hs in (slice(0, -M), slice(-M, -s), slice(-s, None)):
+                    for ws in (slice(0, -M), slice(-M, -s), slice(-s, None)):
+                        img[:, hs, ws] = cnt
+                        cnt += 1
+                mw = window_partition(img, M).squeeze(-1)
+                mask = (mw[:, None, :] - mw[:, :, None]).ne(0).float() * -100.0
+            else:
+                mask = None
+            win = window_partition(y, M)  # (B·nW, N, C)
+            Bw, N, Cc = win.shape
+            qkv = lin(win, p + ".attn.qkv").reshape(Bw, N, 3, heads, Cc // heads).permute(2, 0, 3, 1, 4)
+            q, k, v = qkv[0] * (Cc // heads) ** -0.5, qkv[1], qkv[2]
+            attn = q @ k.transpose(-2, -1)
+            idx = sd[p + ".attn.relative_position_index"]
+            bias = sd[p + ".attn.relative_position_bias_table"][idx.view(-1)].view(N, N, -1).permute(2, 0, 1)
+            attn = attn + bias[None]
+            if mask is not None:
+                nW = mask.shape[0]
+                attn = attn.view(Bw // nW, nW, heads, N, N) + mask[None, :, None]
+                attn = attn.view(-1, heads, N, N)
+            o = (attn.softmax(-1) @ v).transpose(1, 2).reshape(Bw, N, Cc)
+            o = window_reverse(lin(o, p + ".attn.proj"), M, H, W)
+            if s:
+                o = torch.roll(o, (s, s), (1, 2))
+            x = shortcut + o.reshape(B, H * W, -1)
+            h = F.gelu(lin(ln(x, p + ".norm2"), p + ".mlp.fc1"))
+            x = x + lin(h, p + ".mlp.fc2")
+        if i < len(cfg.depths) - 1:
+            t = x.view(B, H, W, -1)
+            t = torch.cat([t[:, 0::2, 0::2], t[:, 1::2, 0::2], t[:, 0::2, 1::2], t[:, 1::2, 1::2]], -1)
+            H, W = H // 2, W // 2
+            x = lin(ln(t.view(B, H * W, -1), f"layers.{i}.downsample.norm"), f"layers.{i}.downsample.reduction",
+                    bias=False)
+    x = ln(x, "norm").mean(1)
+    return lin(x, "head")
+
+
+def _official_layout(model):
+    """Our state dict plus the buffers the official code stores, as an official checkpoint has them."""
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    for name, mod in model.named_modules():
+        if isinstance(mod, WindowAttention):
+            sd[name + ".relative_position_index"] = relative_position_index(mod.window_size)
+    return sd
+
+
+def test_official_swin_checkpoint_loads_and_computes_the_official_function(tmp_path):
+    torch.manual_seed(0)
+    cfg = CoSwinConfig(embed="patch", embed_dim=16, depths=(2, 2), num_heads=(1, 2), window_size=7,
+                       num_classes=10, drop_path_rate=0.0)
+    src = CoSwin(cfg)
+    for mod in src.modules():  # non-trivial biases and norms so the check has teeth
+        if isinstance(mod, (torch.nn.LayerNorm, torch.nn.Linear)) and mod.bias is not None:
+            mod.bias.data.normal_(0, 0.1)
+    sd = _official_layout(src)
+    path = tmp_path / "swin_official.pth"
+    torch.save({"model": sd, "epoch": 3}, path)
+    loaded = load_swin_checkpoint(str(path)).eval()  # config read off the checkpoint
+    assert loaded.cfg.embed == "patch" and loaded.cfg.depths == (2, 2) and loaded.cfg.window_size == 7
+    x = torch.randn(2, 3, 56, 56)
+    ref = _official_swin_forward(sd, cfg, x)
+    torch.testing.assert_close(loaded(x), ref, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(src.eval()(x), ref, atol=1e-5, rtol=1e-4)
+
+
+def test_load_swin_checkpoint_lists_mismatched_keys():
+    torch.manual_seed(0)
+    sd = _official_layout(CoSwin(small_cfg(embed="patch")))
+    sd["layers.9.blocks.0.extra"] = torch.zeros(1)
+    del sd["norm.weight"]
+    with pytest.raises(ValueError, match=r"missing keys \['norm.weight'\].*unexpected keys \['layers.9"):
+        load_swin_checkpoint(sd, model=CoSwin(small_cfg(embed="patch")))
+    with pytest.raises(ValueError, match="does not exist"):
+        load_swin_checkpoint("/nonexistent/swin.pth")
+
+
+# ---------------------------------------------------------------------------------------------------
+# bad input
+
+
+@pytest.mark.parametrize("shape,what", [((3, 64, 64), "4-D"), ((1, 1, 64, 64), "3 channels"),
+                                        ((1, 3, 3, 64), "at least 4")])
+def test_bad_input_names_shapes(shape, what):
+    m = coswin.build("toy")
+    with pytest.raises(ValueError, match=what) as e:
+        m(torch.randn(*shape))
+    assert str(tuple(shape)) in str(e.value)
+
+
+def test_unknown_preset():
+    with pytest.raises(ValueError, match="unknown CoSwin preset 'gigantic'"):
+        coswin.build("gigantic")

@@ -28,7 +28,7 @@ from __future__ import annotations
 import hashlib
 import math
 import unicodedata
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 import torch.distributed as dist
@@ -237,7 +237,9 @@ def unicl_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, keys: torch.Tens
     dtype = torch.promote_types(image_emb.dtype, torch.float32)  # fp32 (or fp64) for the softmax
     u, v = image_emb.to(dtype), text_emb.to(dtype)
     keys = keys.to(device=u.device, dtype=torch.long)
-    with torch.autocast(device_type=u.device.type, enabled=False):
+    no_autocast = torch.autocast(u.device.type, enabled=False) if u.device.type in ("cpu", "cuda") \
+        else nullcontext()
+    with no_autocast:  # the logits and their softmax stay in fp32 under mixed precision (paper §2.7)
         if _distributed(gather):
             world = dist.get_world_size()
             sizes = _gather_sizes(u.shape[0], u.device)

@@ -89,6 +89,9 @@ def test_low_precision_inputs_are_computed_in_float32():
     assert got.dtype == torch.float32
     ref = unicl_loss(u.bfloat16().float(), v.bfloat16().float(), keys, 14.0)
     torch.testing.assert_close(got, ref)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast would run the logits matmul in bf16
+        torch.testing.assert_close(unicl_loss(u, v, keys, 14.0), unicl_loss(u.double(), v.double(), keys,
+                                                                            14.0).float())
 
 
 def test_loss_bad_input():

@@ -111,8 +111,8 @@ def _alpha(shape: int, cx: float, cy: float, r: float, theta: float, S: int):
 def _paint(img: np.ndarray, shape: int, rgb: np.ndarray, cx, cy, r, theta=0.0, box: bool = False):
     """Alpha-composite one shape onto img (3, S, S) in place.
 
-    With box=True, returns its tight box (x1, y1, x2, y2) around the pixels with alpha ≥ ½
-    (pixel column j spans [j, j+1), so x2 = last column + 1), or None if nothing is visible.
+    With box=True, returns its tight box (x1, y1, x2, y2) around every pixel the shape touches (alpha > 0,
+    anti-aliased edge included; pixel column j spans [j, j+1), so x2 = last column + 1), or None.
     """
     out = _alpha(shape, cx, cy, r, theta, img.shape[-1])
     if out is None:
@@ -123,7 +123,7 @@ def _paint(img: np.ndarray, shape: int, rgb: np.ndarray, cx, cy, r, theta=0.0, b
     win += a[None] * (rgb[:, None, None] - win)
     if not box:
         return None
-    cols, rows = np.nonzero(a.max(0) >= 0.5)[0], np.nonzero(a.max(1) >= 0.5)[0]
+    cols, rows = np.nonzero(a.max(0) > 0)[0], np.nonzero(a.max(1) > 0)[0]
     if len(cols) == 0:
         return None
     return (x0 + int(cols[0]), y0 + int(rows[0]), x0 + int(cols[-1]) + 1, y0 + int(rows[-1]) + 1)
@@ -249,7 +249,7 @@ class ShapesText(_Synthetic):
         """The sample's parameters (objects, background, caption) without rendering."""
         rng = self._rng(index)
         S = self.img_size
-        _, (cls, r, cx, cy, n) = self._sample_in_split(rng, self._draw_layout)
+        sig, (cls, r, cx, cy, n) = self._sample_in_split(rng, self._draw_layout)
         objs = [dict(cls=cls, colour=cls // 4, shape=cls % 4, cx=cx, cy=cy, r=r, theta=rng.uniform(-0.3, 0.3))]
         for _ in range(n - 1):
             rd = rng.uniform(0.25, 0.6) * r
@@ -263,7 +263,7 @@ class ShapesText(_Synthetic):
             o["rgb"] = _colour(rng, o["colour"])
         bg = _background_params(rng)
         text, short = self._caption(rng, objs, bg["grey"])
-        return dict(objects=objs, background=bg, text=text, short=short, label=cls)
+        return dict(objects=objs, background=bg, text=text, short=short, label=cls, signature=sig)
 
     def _caption(self, rng, objs, grey) -> tuple[str, bool]:
         S = self.img_size
@@ -313,7 +313,8 @@ class ShapesText(_Synthetic):
 # ----------------------------------------------------------------------------- detection
 
 class ShapesDetection(_Synthetic):
-    """1..max_objects non-overlapping shapes per image with exact xyxy boxes (tight around alpha ≥ ½ pixels).
+    """1..max_objects non-overlapping shapes per image with exact xyxy boxes (tight around every pixel
+    the shape paints, so a box encloses its object and each of its four edges touches it).
 
     Targets are COCO-style: boxes (N,4) float xyxy in pixels, labels (N,) indices into `.classes`
     (the 20 colour × shape names, so a text-aligned head can use them as prompts), iscrowd (N,) zeros.
@@ -340,8 +341,8 @@ class ShapesDetection(_Synthetic):
 
     def scene(self, index: int) -> dict:
         rng = self._rng(index)
-        _, objs = self._sample_in_split(rng, self._draw_layout)
-        return dict(objects=[dict(cls=k, cx=x, cy=y, r=r, theta=t, rgb=_colour(rng, k // 4)) for k, x, y, r, t in objs],
+        sig, objs = self._sample_in_split(rng, self._draw_layout)
+        return dict(signature=sig, objects=[dict(cls=k, cx=x, cy=y, r=r, theta=t, rgb=_colour(rng, k // 4)) for k, x, y, r, t in objs],
                     background=_background_params(rng))
 
     def render(self, scene: dict):
@@ -463,7 +464,7 @@ class ShapesVQA(_Synthetic):
 
     def scene(self, index: int) -> dict:
         rng = self._rng(index)
-        _, (objs, (question, answer, qtype)) = self._sample_in_split(rng, self._draw_layout)
+        sig, (objs, (question, answer, qtype)) = self._sample_in_split(rng, self._draw_layout)
         for o in objs:
             o["rgb"], o["theta"] = _colour(rng, o["colour"]), rng.uniform(-0.4, 0.4)
         pool = {"colour": COLOURS, "shape": SHAPES, "count": self.COUNTS, "exists": ("yes", "no"),
@@ -471,7 +472,7 @@ class ShapesVQA(_Synthetic):
         wrong = [a for a in pool if a != answer]
         eps = rng.uniform(0, self.noise_max)
         annot = [wrong[int(rng.integers(len(wrong)))] if rng.random() < eps else answer for _ in range(10)]
-        return dict(objects=objs, background=_background_params(rng), question=question, answer=answer,
+        return dict(signature=sig, objects=objs, background=_background_params(rng), question=question, answer=answer,
                     qtype=qtype, answers=annot)
 
     def render(self, scene: dict) -> np.ndarray:
@@ -522,7 +523,7 @@ class MovingShapes(_Synthetic):
         """Scene and per-frame states; `action` overrides the drawn action (same scene, other motion)."""
         rng = self._rng(index)
         S, T = self.img_size, self.num_frames
-        _, (shape, colour, r, cx, cy) = self._sample_in_split(rng, self._draw_layout)
+        sig, (shape, colour, r, cx, cy) = self._sample_in_split(rng, self._draw_layout)
         theta = rng.uniform(0, 2 * math.pi)
         rgb = _colour(rng, colour)
         distractor = None
@@ -557,7 +558,7 @@ class MovingShapes(_Synthetic):
             rs = r * self.growth ** (-t)
         elif name == "rotates":
             ths = theta + spin * self.turn * t
-        return dict(shape=shape, colour=colour, rgb=rgb, label=act, xs=xs, ys=ys, rs=rs, thetas=ths,
+        return dict(signature=sig, shape=shape, colour=colour, rgb=rgb, label=act, xs=xs, ys=ys, rs=rs, thetas=ths,
                     distractor=distractor, background=background)
 
     def render(self, sc: dict) -> np.ndarray:

@@ -46,31 +46,40 @@ class DataFormatError(ValueError):
 
 # ----------------------------------------------------------------------------- shared helpers
 
-_WARN_LIMIT = 20
-_warned = 0
+WARN_LIMIT = 20
 
 
-def warn_bad(msg: str) -> None:
-    """Warn about one bad sample; after _WARN_LIMIT warnings per process, only count silently
-    (the end-of-epoch report still gives the total)."""
-    global _warned
-    _warned += 1
-    if _warned <= _WARN_LIMIT:
-        warnings.warn(msg + ("" if _warned < _WARN_LIMIT else
-                             " (further bad samples in this process are counted but not shown)"), stacklevel=2)
-
-
-def load_image(path: str, data: bytes | None = None) -> Image.Image | None:
-    """Open an image file (or bytes) as RGB; None with a warning if it is missing or cannot be decoded."""
+def load_image(path: str, data: bytes | None = None) -> tuple[Image.Image | None, str | None]:
+    """Open an image file (or its bytes) as RGB -> (image, None), or (None, why) if missing or undecodable."""
     try:
         img = Image.open(io.BytesIO(data) if data is not None else path)
         img.load()
-        return img.convert("RGB")
+        return img.convert("RGB"), None
     except FileNotFoundError:
-        warn_bad(f"skipping {path}: the image file does not exist; fix the path in the index or remove the row.")
+        return None, f"skipping {path}: the image file does not exist; fix the path in the index or remove the row."
     except Exception as e:  # PIL raises UnidentifiedImageError, OSError (truncated), ValueError, SyntaxError...
-        warn_bad(f"skipping {path}: the image cannot be decoded ({type(e).__name__}: {e}); replace or remove the file.")
-    return None
+        return None, f"skipping {path}: the image cannot be decoded ({type(e).__name__}: {e}); replace or remove the file."
+
+
+class SkipCounter:
+    """Bad-sample bookkeeping shared by the datasets: `skipped` counts them (in this process — each
+    DataLoader worker has its own copy, which is why the collate functions count the Nones too), and the
+    first WARN_LIMIT of them are named in a warning; the rest are only counted."""
+
+    skipped = 0
+    _shown = 0
+
+    def _skip(self, msg: str):
+        self.skipped += 1
+        self._shown += 1
+        if self._shown <= WARN_LIMIT:
+            tail = " (further bad samples are counted, not shown)" if self._shown == WARN_LIMIT else ""
+            warnings.warn(msg + tail, stacklevel=3)
+        return None
+
+    def _image(self, path: str, data: bytes | None = None):
+        img, why = load_image(path, data)
+        return img if img is not None else self._skip(why)
 
 
 def _read_utf8(path: str) -> str:
@@ -85,8 +94,9 @@ def _read_utf8(path: str) -> str:
         return raw[start:].decode("utf-8")
     except UnicodeDecodeError as e:
         off = start + e.start
+        line = raw[:off].count(b"\n") + 1
         raise DataFormatError(
-            f"{path} is not UTF-8 text: the byte 0x{raw[off]:02x} at byte offset {off} cannot be decoded; "
+            f"{path} is not UTF-8 text: the byte 0x{raw[off]:02x} at byte offset {off} (line {line}) cannot be decoded; "
             f"re-save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8`).") from None
 
 
@@ -171,7 +181,7 @@ def read_table(path: str, columns, sep: str | None = None):
     return rows, lines
 
 
-class ImageTextFile(Dataset):
+class ImageTextFile(SkipCounter, Dataset):
     """Image–text pairs listed in a CSV, TSV or JSONL file; image paths relative to that file (or `root`).
 
     Sample: {"image": (3, S, S) normalised, "text": str, "label": int (-1 without label_key)}.
@@ -199,7 +209,6 @@ class ImageTextFile(Dataset):
             raw_labels.append(lab)
         _warn_dropped(path, "an empty caption", empty)
         self.dropped_at_load = len(empty)
-        self.skipped = 0
         self.classes, self.labels = self._labels(raw_labels, label_key)
 
     def _labels(self, raw, label_key):
@@ -248,9 +257,8 @@ class ImageTextFile(Dataset):
 
     def __getitem__(self, i: int):
         path = _resolve(self.root, self.images[i])
-        img = load_image(path)
+        img = self._image(path)
         if img is None:
-            self.skipped += 1
             return None
         return {"image": self.transform(img), "text": self.captions[i], "label": self.labels[i]}
 
@@ -309,7 +317,7 @@ def iter_tar_groups(path: str):
         yield None, f"shard {path} is corrupt or truncated ({type(e).__name__}: {e}); the rest of it is skipped."
 
 
-class TarShards(IterableDataset):
+class TarShards(SkipCounter, IterableDataset):
     """Image–text tar shards (webdataset layout: key.jpg + key.txt [+ key.cls]), streamed once per epoch.
 
     Splitting: the G = world_size × num_workers readers each get a global id g = rank·num_workers + worker.
@@ -330,7 +338,6 @@ class TarShards(IterableDataset):
         self.shuffle = split == "train" if shuffle is None else shuffle
         self.shuffle_buffer, self.seed, self.epoch = shuffle_buffer if self.shuffle else 0, seed, 0
         self.rank, self.world_size, self.caption_ext = rank, world_size, caption_ext
-        self.skipped = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -377,37 +384,28 @@ class TarShards(IterableDataset):
 
     def decode(self, shard: str, key: str | None, group):
         if key is None:
-            warn_bad(group)
-            self.skipped += 1
-            return None
+            return self._skip(group)
         where = f"{shard}: sample '{key}'"
         img_ext = next((e for e in group if "." + e in IMAGE_EXTS), None)
         if img_ext is None or self.caption_ext not in group:
-            warn_bad(f"skipping {where}: it needs an image and a .{self.caption_ext} caption, found "
-                     f"{', '.join('.' + e for e in group) or 'nothing'}.")
-            self.skipped += 1
-            return None
+            return self._skip(f"skipping {where}: it needs an image and a .{self.caption_ext} caption, found "
+                              f"{', '.join('.' + e for e in group) or 'nothing'}.")
         try:
             text = group[self.caption_ext].decode("utf-8").strip()
         except UnicodeDecodeError as e:
-            warn_bad(f"skipping {where}: {key}.{self.caption_ext} is not UTF-8 (byte offset {e.start}); "
-                     f"re-encode the caption as UTF-8.")
-            self.skipped += 1
-            return None
+            return self._skip(f"skipping {where}: {key}.{self.caption_ext} is not UTF-8 (byte offset {e.start}); "
+                              f"re-encode the caption as UTF-8.")
         if not text:
-            warn_bad(f"skipping {where}: the caption {key}.{self.caption_ext} is empty.")
-            self.skipped += 1
-            return None
-        img = load_image(f"{shard}:{key}.{img_ext}", group[img_ext])
+            return self._skip(f"skipping {where}: the caption {key}.{self.caption_ext} is empty.")
+        img = self._image(f"{shard}:{key}.{img_ext}", group[img_ext])
         if img is None:
-            self.skipped += 1
             return None
         label = -1
         if "cls" in group:
             try:
                 label = int(group["cls"].decode("utf-8").strip())
             except ValueError:
-                warn_bad(f"{where}: {key}.cls is not an integer; label set to -1.")
+                warnings.warn(f"{where}: {key}.cls is not an integer; label set to -1.", stacklevel=2)
         return {"image": self.transform(img), "text": text, "label": label}
 
     def __iter__(self):
@@ -484,7 +482,7 @@ def write_shards(samples, directory: str, per_shard: int = 1000, prefix: str = "
 
 # ----------------------------------------------------------------------------- image–label folders
 
-class ImageFolder(Dataset):
+class ImageFolder(SkipCounter, Dataset):
     """root/<class>/<image>: one subfolder per class (sorted = label order), UniCL's image-label branch.
 
     `.classes` are the folder names with "_" read as spaces (or `class_names`, in sorted-folder order).
@@ -511,16 +509,14 @@ class ImageFolder(Dataset):
                 warnings.warn(f"class folder {os.path.join(root, folder)} has no images.", stacklevel=2)
             self.samples += [(os.path.join(root, folder, f), label) for f in files]
         self.transform = transform or image_transform(img_size, train=split == "train")
-        self.skipped = 0
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, i: int):
         path, label = self.samples[i]
-        img = load_image(path)
+        img = self._image(path)
         if img is None:
-            self.skipped += 1
             return None
         name = self.classes[label]
         text = self.template.format(name) if self.template else name
@@ -529,7 +525,7 @@ class ImageFolder(Dataset):
 
 # ----------------------------------------------------------------------------- COCO detection
 
-class CocoDetection(Dataset):
+class CocoDetection(SkipCounter, Dataset):
     """COCO `instances_*.json` + an image directory -> detection samples.
 
     Boxes go from COCO's [x, y, w, h] to xyxy pixels, then through `DetectionTransform` (longer side to
@@ -574,7 +570,6 @@ class CocoDetection(Dataset):
         self.annotations = per_image
         self.image_root = image_root if image_root is not None else self._guess_root(ann_file)
         self.transform = transform or DetectionTransform(img_size, train=split == "train")
-        self.skipped = 0
 
     def _guess_root(self, ann_file: str) -> str:
         """COCO layout: annotations/instances_val2017.json next to val2017/; else the JSON's own folder."""
@@ -590,9 +585,8 @@ class CocoDetection(Dataset):
 
     def __getitem__(self, i: int):
         im_id, name = self.images[i]
-        img = load_image(os.path.join(self.image_root, name))
+        img = self._image(os.path.join(self.image_root, name))
         if img is None:
-            self.skipped += 1
             return None
         rows = self.annotations[im_id]
         boxes = torch.tensor([r[:4] for r in rows], dtype=torch.float32).reshape(-1, 4)
@@ -615,14 +609,14 @@ def normalize_answer(ans: str) -> str:
     PythonEvaluationTools/vqaEvaluation/vqaEval.py processPunctuation / processDigitArticle):
     lower case, punctuation removed (a decimal point kept), number words as digits, articles dropped."""
     a = ans.lower().replace("\n", " ").replace("\t", " ").strip()
-    a = re.sub(r"(?<!\d)\.(?!\d)", "", a)  # periods not between digits
+    a = re.sub(r"\.(?!\d)", "", a)  # a period not followed by a digit (vqaEval's periodStrip in effect)
     a = re.sub(r"(?<=\d),(?=\d)", "", a)  # 1,000 -> 1000
     a = re.sub(r"[;/\[\]\"{}()=+\\_\-><@`,?!*#%^&$']", " ", a)
     words = [_NUMBER_WORDS.get(w, w) for w in a.split() if w not in _ARTICLES]
     return " ".join(words)
 
 
-class VQAv2(Dataset):
+class VQAv2(SkipCounter, Dataset):
     """VQA v2: `v2_OpenEnded_mscoco_<split>_questions.json` [+ `v2_mscoco_<split>_annotations.json`] + images.
 
     Answer vocabulary: the normalised majority answers (`multiple_choice_answer`) seen at least
@@ -675,7 +669,6 @@ class VQAv2(Dataset):
         self.answers = list(answers)
         self.answer_index = {a: i for i, a in enumerate(self.answers)}
         self.transform = transform or image_transform(img_size, train=split == "train")
-        self.skipped = 0
 
     @staticmethod
     def _guess_root(questions_file: str, subtype: str) -> str:
@@ -691,9 +684,8 @@ class VQAv2(Dataset):
     def __getitem__(self, i: int):
         qid, im_id, question, answers, major = self.items[i]
         path = os.path.join(self.image_root, self.image_pattern.format(image_id=im_id, subtype=self.subtype))
-        img = load_image(path)
+        img = self._image(path)
         if img is None:
-            self.skipped += 1
             return None
         return {"image": self.transform(img), "question": question, "answers": answers,
                 "target": soft_target(answers, self.answer_index), "question_id": qid}
@@ -701,7 +693,7 @@ class VQAv2(Dataset):
 
 # ----------------------------------------------------------------------------- video clips
 
-class VideoClips(Dataset):
+class VideoClips(SkipCounter, Dataset):
     """A labels CSV (columns `path`, `label`) listing clips as folders of frame images or .npy arrays
     (T, H, W, 3) uint8; paths relative to the CSV (or `root`). Kinetics-style lists convert to this with
     one line per clip.
@@ -733,7 +725,6 @@ class VideoClips(Dataset):
         self.labels = [index[v] for v in raw]
         self.num_frames, self.stride, self.train = num_frames, stride, split == "train"
         self.transform = transform or VideoTransform(img_size, train=self.train)
-        self.skipped = 0
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -749,29 +740,29 @@ class VideoClips(Dataset):
             try:
                 arr = np.load(path, mmap_mode="r")
             except FileNotFoundError:
-                warn_bad(f"skipping {path}: the clip file does not exist; fix the path in the labels CSV.")
-                return None
+                return self._skip(f"skipping {path}: the clip file does not exist; fix the path in the labels CSV.")
             except Exception as e:
-                warn_bad(f"skipping {path}: cannot read the array ({type(e).__name__}: {e}); re-save it with np.save.")
-                return None
+                return self._skip(f"skipping {path}: cannot read the array ({type(e).__name__}: {e}); "
+                                  f"re-save it with np.save.")
             if arr.ndim not in (3, 4) or len(arr) == 0:
-                warn_bad(f"skipping {path}: expected frames (T, H, W[, 3]), got shape {arr.shape}.")
-                return None
+                return self._skip(f"skipping {path}: expected frames (T, H, W[, 3]), got shape {arr.shape}.")
             frames = [np.asarray(arr[i]) for i in self.frame_indices(len(arr))]
             return [Image.fromarray(f.astype(np.uint8)).convert("RGB") for f in frames]
         if not os.path.isdir(path):
-            warn_bad(f"skipping {path}: no such frame folder or .npy file; fix the path in the labels CSV.")
-            return None
+            return self._skip(f"skipping {path}: no such frame folder or .npy file; fix the path in the labels CSV.")
         files = sorted(f for f in os.listdir(path) if f.lower().endswith(IMAGE_EXTS))
         if not files:
-            warn_bad(f"skipping {path}: the folder has no frame images.")
-            return None
-        frames = [load_image(os.path.join(path, files[i])) for i in self.frame_indices(len(files))]
-        return None if any(f is None for f in frames) else frames
+            return self._skip(f"skipping {path}: the folder has no frame images.")
+        frames = []
+        for i in self.frame_indices(len(files)):
+            img, why = load_image(os.path.join(path, files[i]))
+            if img is None:
+                return self._skip(why)
+            frames.append(img)
+        return frames
 
     def __getitem__(self, i: int):
         frames = self._frames(_resolve(self.root, self.paths[i]))
         if frames is None:
-            self.skipped += 1
             return None
         return {"video": self.transform(frames), "label": self.labels[i]}

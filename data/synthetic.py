@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .transforms import CLIP_MEAN, CLIP_STD
+from .transforms import _INV255, _M255
 
 COLOURS = ("red", "green", "blue", "yellow", "purple")
 RGB = np.array([(220, 40, 40), (40, 170, 60), (40, 80, 225), (235, 210, 40), (150, 50, 190)], np.float32) / 255
@@ -36,8 +36,7 @@ CLASSES = tuple(f"{c} {s}" for c in COLOURS for s in SHAPES)  # class k = colour
 SPLITS = {"train": 0, "val": 1}
 VAL_EVERY = 4  # one scene signature in 4 is held out
 
-_MEAN = np.array(CLIP_MEAN, np.float32) * 255
-_INV_STD = 1.0 / (np.array(CLIP_STD, np.float32) * 255)
+_MEAN, _INV_STD = _M255.reshape(3), _INV255.reshape(3)  # CLIP mean·255 and 1/(std·255), float32
 _NUM = ("zero", "one", "two", "three", "four", "five", "six")
 
 
@@ -138,7 +137,8 @@ def _uint8(img: np.ndarray) -> np.ndarray:
 
 
 def _to_tensor(img: np.ndarray) -> torch.Tensor:
-    """float image (3, ..., S, S) in [0,1] -> quantised to uint8 like a real file, then CLIP-normalised."""
+    """float image (3, ..., S, S) in [0,1] -> quantised to uint8 like a real file, then CLIP-normalised
+    with the same float32 formula as transforms.to_normalized_tensor (so a saved PNG reads back bit-exact)."""
     shape = (3,) + (1,) * (img.ndim - 1)
     x = _uint8(img).astype(np.float32)
     x -= _MEAN.reshape(shape)

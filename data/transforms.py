@@ -33,13 +33,27 @@ BILINEAR = Image.Resampling.BILINEAR
 
 # ----------------------------------------------------------------------------- tensors
 
+def _uint8_hwc(img) -> np.ndarray:
+    a = np.array(img.convert("RGB") if isinstance(img, Image.Image) else img, dtype=np.uint8)  # a writable copy
+    return np.repeat(a[:, :, None], 3, axis=2) if a.ndim == 2 else a
+
+
 def to_tensor(img) -> torch.Tensor:
     """PIL image or uint8 array (H, W, 3) -> float tensor (3, H, W) in [0, 1]."""
-    a = np.asarray(img.convert("RGB") if isinstance(img, Image.Image) else img)
-    if a.ndim == 2:
-        a = np.repeat(a[:, :, None], 3, axis=2)
-    x = torch.from_numpy(np.ascontiguousarray(a)).permute(2, 0, 1)
-    return x.float().div_(255.0)
+    return torch.from_numpy(_uint8_hwc(img)).permute(2, 0, 1).float().div_(255.0)
+
+
+_M255 = np.array(CLIP_MEAN, np.float32).reshape(3, 1, 1) * 255
+_INV255 = 1.0 / (np.array(CLIP_STD, np.float32).reshape(3, 1, 1) * 255)
+
+
+def to_normalized_tensor(img) -> torch.Tensor:
+    """PIL image or uint8 (H, W, 3) -> CLIP-normalised float (3, H, W), computed as (q − 255·mean) / (255·std)
+    in float32 — the one formula every dataset here uses, so a PNG of a synthetic sample reads back bit-exact."""
+    x = np.ascontiguousarray(_uint8_hwc(img).transpose(2, 0, 1)).astype(np.float32)
+    x -= _M255
+    x *= _INV255
+    return torch.from_numpy(x)
 
 
 def normalize(x: torch.Tensor, mean=CLIP_MEAN, std=CLIP_STD) -> torch.Tensor:
@@ -171,6 +185,13 @@ class ToTensor:
         return to_tensor(img)
 
 
+class ToNormalizedTensor:
+    """ToTensor + Normalize(CLIP) in one step (`to_normalized_tensor`)."""
+
+    def __call__(self, img):
+        return to_normalized_tensor(img)
+
+
 class Normalize:
     def __init__(self, mean=CLIP_MEAN, std=CLIP_STD):
         self.mean, self.std = mean, std
@@ -190,7 +211,7 @@ def image_transform(img_size: int, train: bool, scale=(0.9, 1.0), flip: bool = F
         fns = [RandomResizedCrop(img_size, scale=scale)] + ([RandomHorizontalFlip()] if flip else [])
     else:
         fns = [Resize(img_size), CenterCrop(img_size)]
-    return Compose(fns + [ToTensor(), Normalize()])
+    return Compose(fns + [ToNormalizedTensor()])
 
 
 # ----------------------------------------------------------------------------- boxes (detection)
@@ -229,9 +250,8 @@ class DetectionTransform:
         flipped = self.train and torch.rand(1, generator=self.generator).item() < self.flip_p
         if flipped:
             img, boxes = hflip(img), hflip_boxes(boxes, nw)
-        x = to_tensor(img)
-        canvas = torch.zeros(3, self.img_size, self.img_size)
-        canvas[:, :nh, :nw] = normalize(x)
+        canvas = torch.zeros(3, self.img_size, self.img_size)  # padding = 0 = the mean colour after normalising
+        canvas[:, :nh, :nw] = to_normalized_tensor(img)
         return canvas, boxes, {"scale": (nw / w, nh / h), "flipped": flipped, "size": (nh, nw)}
 
 
@@ -262,5 +282,4 @@ class VideoTransform:
                 out.append(hflip(f) if do_flip else f)
         else:
             out = [center_crop(resize(f, self.img_size), self.img_size) for f in frames]
-        x = torch.stack([to_tensor(f) for f in out], dim=1)  # (3, T, S, S)
-        return normalize(x)
+        return torch.stack([to_normalized_tensor(f) for f in out], dim=1)  # (3, T, S, S)

@@ -89,7 +89,8 @@ def test_bad_images_and_empty_captions_are_skipped_and_counted(tmp_path, shapes)
         assert ds[1] is None
     with pytest.warns(UserWarning, match="corrupt.png: the image cannot be decoded"):
         assert ds[2] is None
-    batch = collate_image_text([ds[i] for i in range(len(ds))])
+    with pytest.warns(UserWarning, match="truncated.png: the image cannot be decoded"):
+        batch = collate_image_text([ds[i] for i in range(len(ds))])
     assert batch["text"] == ["zero", "two", "three"] and batch["skipped"] == 3
     assert collate_image_text([None, None]) == {"skipped": 2}
     for workers in (0, 2):  # the count survives worker processes, and the epoch ends with a report

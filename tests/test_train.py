@@ -1,0 +1,251 @@
+"""train.py end to end on the CPU: a toy run learns and writes its artefacts; resume is exact; torchrun
+with 2 processes equals one process; the scaling switches compute the same step; bad checkpoints and
+flags fail with a clear message."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import train
+from train import Config, GlobalBatchSampler, Trainer, parse_config, resolved, setup_distributed
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# small and fast: 32² images (CoSwin-toy maps 8, 4, 2, 1), tiny eval set
+FAST = ["--img_size", "32", "--batch_size", "16", "--eval_size", "48", "--warmup_steps", "2",
+        "--tokenizer_texts", "2000", "--log_every", "1", "--progress", "false", "--lr", "1e-3"]
+
+
+def make_trainer(tmp_path, *flags, name="run"):
+    cfg = resolved(parse_config(FAST + ["--out_dir", str(tmp_path), "--name", name] + list(flags)))
+    return Trainer(cfg, setup_distributed(cfg))
+
+
+def losses(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as fh:
+        rows = [json.loads(line) for line in fh]
+    return [r["loss"] for r in rows if "loss" in r and r.get("event") is None]
+
+
+def weights(trainer):
+    return {k: v.clone() for k, v in trainer.model.state_dict().items()}
+
+
+def test_toy_run_learns_and_writes_every_artefact(tmp_path):
+    t = make_trainer(tmp_path, "--max_steps", "40", "--eval_every", "20", "--ckpt_every", "20")
+    metrics = t.fit()
+    run = tmp_path / "run"
+    for f in ("config.json", "metrics.jsonl", "ckpt.pt", "curves.png", "predictions.png", "tokenizer.json"):
+        assert (run / f).is_file(), f
+    ls = losses(run)
+    assert len(ls) == 40
+    assert sum(ls[-5:]) / 5 < sum(ls[:5]) / 5 - 0.3  # the contrastive loss falls
+    assert 0.0 <= metrics["zeroshot_top1"] <= 1.0 and 0.0 <= metrics["t2i_r1"] <= 1.0
+    assert metrics["zeroshot_top5"] > 5 / 20  # better than chance over 20 classes
+    rows = [json.loads(line) for line in open(run / "metrics.jsonl")]
+    assert any(r.get("event") == "eval" and r["step"] == 20 for r in rows)
+    assert rows[-1]["event"] == "end" and rows[-1]["skipped_samples"] == 0
+    cfg = json.load(open(run / "config.json"))
+    assert cfg["max_steps"] == 40 and cfg["img_size"] == 32
+    from PIL import Image
+
+    assert Image.open(run / "curves.png").size == (960, 400)
+
+
+def test_interrupted_and_resumed_equals_uninterrupted_bitwise(tmp_path):
+    steps = ["--max_steps", "6", "--eval_every", "100", "--ckpt_every", "100"]
+    full = make_trainer(tmp_path, *steps, name="full")
+    full.fit()
+    w_full = weights(full)
+
+    part = make_trainer(tmp_path, *steps, name="part")
+    real_step = part.train_step
+
+    def step_then_preempt(batches):  # a SIGTERM arriving during step 3
+        out = real_step(batches)
+        if part.step == 2:
+            part._on_signal(15, None)
+        return out
+
+    part.train_step = step_then_preempt
+    part.fit()
+    assert part.step == 3
+    rows = [json.loads(line) for line in open(tmp_path / "part" / "metrics.jsonl")]
+    assert rows[-1] == {"step": 3, "event": "stopped", "reason": "signal"}
+
+    resumed = make_trainer(tmp_path, *steps, "--resume", "auto", name="part")
+    assert resumed.step == 3
+    resumed.fit()
+    w_res = weights(resumed)
+    for k in w_full:
+        assert torch.equal(w_full[k], w_res[k]), k
+    assert losses(tmp_path / "full") == losses(tmp_path / "part")
+
+
+def _grads_of_first_step(trainer):
+    """Run one optimiser step and return the gradients it applied (before AdamW changes weights)."""
+    captured = {}
+    real = trainer.optimizer.step
+
+    def capture(*a, **k):
+        for n, p in trainer.model.named_parameters():
+            captured[n] = p.grad.detach().clone()
+        return real(*a, **k)
+
+    trainer.optimizer.step = capture
+    trainer.train_step(trainer.batches())
+    return captured
+
+
+@pytest.mark.parametrize("flag", [["--gradcache_chunk", "4"], ["--grad_ckpt"]])
+def test_memory_savers_compute_the_same_step(tmp_path, flag):
+    plain = _grads_of_first_step(make_trainer(tmp_path, "--grad_clip", "0", name="plain"))
+    other = _grads_of_first_step(make_trainer(tmp_path, "--grad_clip", "0", *flag, name="other"))
+    for k in plain:
+        torch.testing.assert_close(other[k], plain[k], atol=2e-5, rtol=1e-4, msg=k)
+
+
+def test_accumulation_averages_the_micro_batch_gradients(tmp_path):
+    """--accum_steps 2: the step's gradient is the mean of the two micro-batches' gradients (each
+    micro-batch is its own contrastive batch: accumulation cannot add negatives; the gradient cache does)."""
+    acc = make_trainer(tmp_path, "--accum_steps", "2", "--grad_clip", "0", name="acc")
+    g_acc = _grads_of_first_step(acc)
+    ref = make_trainer(tmp_path, "--batch_size", "8", "--grad_clip", "0", name="ref")
+    sampler = GlobalBatchSampler(len(ref.task.train_dataset()), 16, 0, 1, 2, ref.cfg.seed)
+    it = iter(sampler)
+    total = {}
+    for _ in range(2):
+        batch = ref.task.collate([ref.task.train_dataset()[i] for i in next(it)])
+        batch.pop("skipped")
+        ref.model.zero_grad()
+        loss, _ = ref.task.loss(ref.model, batch, 0)
+        loss.backward()
+        for n, p in ref.model.named_parameters():
+            total[n] = total.get(n, 0) + p.grad / 2
+    for k in g_acc:
+        torch.testing.assert_close(g_acc[k], total[k], atol=2e-5, rtol=1e-4, msg=k)
+
+
+def test_global_batch_sampler_splits_each_step_over_ranks_and_micro_steps():
+    n, B, world, accum = 100, 12, 2, 3
+    single = iter(GlobalBatchSampler(n, B, 0, 1, 1, seed=5, start_step=0))
+    ranks = [iter(GlobalBatchSampler(n, B, r, world, accum, seed=5)) for r in range(world)]
+    seen = []
+    for step in range(20):  # crosses epoch boundaries (8 steps per epoch)
+        glob = next(single)
+        parts = [[next(ranks[r]) for _ in range(accum)] for r in range(world)]
+        rebuilt = [i for m in range(accum) for r in range(world) for i in parts[r][m]]
+        assert rebuilt == glob and len(set(glob)) == B
+        seen.append(glob)
+    epoch0 = sorted(i for s in seen[:8] for i in s)
+    assert len(set(epoch0)) == 96  # no repeats inside an epoch
+    resumed = iter(GlobalBatchSampler(n, B, 0, 1, 1, seed=5, start_step=13))
+    assert next(resumed) == seen[13]
+
+
+def test_lr_schedule_warms_up_then_decays_to_the_floor():
+    cfg = Config(lr=1.0, warmup_steps=10, min_lr_ratio=0.1)
+    lrs = [train.lr_at(s, cfg, 110) for s in range(111)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert lrs[60] == pytest.approx(0.55)  # cosine half-way
+    assert lrs[110] == pytest.approx(0.1) and all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+
+
+def test_no_weight_decay_on_norms_biases_tables_embeddings_and_scale(tmp_path):
+    t = make_trainer(tmp_path, name="wd")
+    decay, no_decay = t.optimizer.param_groups
+    names = {id(p): n for n, p in t.model.named_parameters()}
+    nd = {names[id(p)] for p in no_decay["params"]}
+    d = {names[id(p)] for p in decay["params"]}
+    assert "logit_scale" in nd and decay["weight_decay"] > 0 and no_decay["weight_decay"] == 0
+    assert any("relative_position_bias_table" in n for n in nd)
+    assert any("norm" in n and n.endswith("weight") for n in nd)
+    assert all(not n.endswith(".bias") for n in d)
+    assert "image_encoder.layers.0.blocks.0.attn.qkv.weight" in d and "image_proj.weight" in d
+    emb = [n for n, m in t.model.named_modules() if isinstance(m, torch.nn.Embedding)]
+    assert emb and all(f"{n}.weight" in nd for n in emb)
+
+
+def test_nonfinite_steps_are_skipped_counted_and_stop_the_run(tmp_path):
+    t = make_trainer(tmp_path, "--max_bad_steps", "3", "--max_steps", "10", name="nan")
+    before = weights(t)
+    real = t.task.loss
+
+    def nan_loss(model, batch, step):
+        loss, logs = real(model, batch, step)
+        return loss * float("nan"), logs
+
+    t.task.loss = nan_loss
+    batches = t.batches()
+    t.train_step(batches)
+    after = weights(t)
+    assert all(torch.equal(before[k], after[k]) for k in before)  # the update was skipped
+    assert t.bad_total == 1
+    with pytest.raises(SystemExit, match="3 non-finite steps in a row"):
+        for _ in range(3):
+            t.train_step(batches)
+
+
+def test_bf16_autocast_runs_on_cpu(tmp_path):
+    t = make_trainer(tmp_path, "--amp", "bf16", "--max_steps", "2", "--eval_every", "100", name="bf16")
+    t.fit()
+    ls = losses(tmp_path / "bf16")
+    assert len(ls) == 2 and all(torch.isfinite(torch.tensor(ls)))
+
+
+def test_bad_checkpoints_fail_with_a_clear_message(tmp_path):
+    bad = tmp_path / "corrupt.pt"
+    bad.write_bytes(b"not a checkpoint at all")
+    with pytest.raises(SystemExit, match="corrupt or not a torch checkpoint"):
+        make_trainer(tmp_path, "--resume", str(bad), name="c1")
+    with pytest.raises(SystemExit, match="does not exist"):
+        make_trainer(tmp_path, "--resume", str(tmp_path / "nope.pt"), name="c2")
+    t = make_trainer(tmp_path, "--max_steps", "1", "--eval_every", "100", name="small")
+    t.fit()
+    with pytest.raises(SystemExit, match=r"different architecture.*relative_position_bias_table"):
+        make_trainer(tmp_path, "--window_size", "2", "--resume", str(tmp_path / "small" / "ckpt.pt"), name="c3")
+
+
+def test_init_from_resizes_window_tables(tmp_path):
+    t = make_trainer(tmp_path, "--max_steps", "1", "--eval_every", "100", name="w4")
+    t.fit()
+    big = make_trainer(tmp_path, "--img_size", "64", "--window_size", "6", "--init_from",
+                       str(tmp_path / "w4" / "ckpt.pt"), name="w6")
+    table = big.model.image_encoder.layers[0].blocks[0].attn.relative_position_bias_table
+    assert table.shape[0] == 11 * 11
+    torch.testing.assert_close(big.model.text_proj.weight, t.model.text_proj.weight)
+
+
+def test_flags_config_file_and_unknown_flags(tmp_path):
+    f = tmp_path / "run.json"
+    f.write_text(json.dumps({"lr": 0.5, "max_steps": 7}))
+    cfg = parse_config(["--config", str(f), "--max_steps", "9", "--fsdp", "--grad_ckpt", "false"])
+    assert cfg.lr == 0.5 and cfg.max_steps == 9 and cfg.fsdp is True and cfg.grad_ckpt is False
+    with pytest.raises(SystemExit, match=r"unknown flag\(s\) --learning_rate.*--lr"):
+        parse_config(["--learning_rate", "3"])
+    with pytest.raises(SystemExit, match="unknown --preset"):
+        parse_config(["--preset", "gigantic"])
+
+
+def _run(cmd, cwd):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    p = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-4000:]
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_equal_one_process(tmp_path):
+    args = FAST + ["--max_steps", "4", "--eval_every", "100", "--out_dir", str(tmp_path)]
+    _run([sys.executable, "train.py", *args, "--name", "one"], ROOT)
+    _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py", *args,
+          "--name", "two"], ROOT)
+    one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert len(one) == len(two) == 4
+    for a, b in zip(one, two):
+        assert abs(a - b) < 1e-4 * max(1.0, abs(a)), (one, two)
+    wa = torch.load(tmp_path / "one" / "ckpt.pt", weights_only=True)["model"]
+    wb = torch.load(tmp_path / "two" / "ckpt.pt", weights_only=True)["model"]
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], atol=1e-5, rtol=1e-4, msg=k)

@@ -1,0 +1,1061 @@
+"""Florence's training recipe: one loop from a CPU toy run to `torchrun` on many GPUs.
+
+    python train.py                                   # toy UniCL pretraining on synthetic shapes, any device
+    python train.py --preset tiny --data csv:pairs.tsv --eval_data folder:val/ --batch_size 256
+    torchrun --nproc_per_node=8 train.py --preset florence --data shards:/data/fld --fsdp --grad_ckpt
+    python train.py --help                            # every config field is a --flag
+
+Paper: Florence (arXiv 2111.11432) §2.2 (UniCL, the two stages and the 384² fine-tune), §2.7 (ZeRO →
+FSDP, activation checkpointing → `--grad_ckpt`, mixed precision → `--amp`, gradient cache →
+`--gradcache_chunk`).
+
+The loop knows nothing about a particular objective: a `Task` (below) builds the model, turns a batch
+into a loss, evaluates and draws. `--task pretrain` (UniCL) lives here; the adapters register theirs
+with `@register_task("detect")` etc. and the loop, checkpoints, AMP and distribution come for free.
+
+Batch semantics: `--batch_size` is the *global* batch of one optimiser step (the paper's 24,576). Each
+of W processes runs `--accum_steps` micro-batches of batch_size / (W · accum) samples. Step s of the run
+always consumes the same global batch, whatever W is, so a run resumes exactly and W processes compute
+what one process would.
+
+Outputs in runs/<name>/: config.json, metrics.jsonl (one JSON object per event, with "step"), ckpt.pt
+(atomic: temporary file, then os.replace), curves.png and the task's picture (e.g. predictions.png).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import datetime
+import json
+import math
+import os
+import random
+import signal
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from PIL import Image, ImageDraw, ImageFont
+from torch.utils.data import DataLoader, IterableDataset
+from tqdm import tqdm
+
+# ----------------------------------------------------------------------------------------------------
+# Config: a dataclass; every field is a --flag
+
+
+@dataclass
+class Config:
+    # what to train
+    task: str = "pretrain"  # pretrain | detect | vqa | video (adapters register more)
+    preset: str = "toy"  # toy | tiny | base | florence: model sizes (MODEL_PRESETS)
+    stage: int = 1  # UniCL stage 1: short texts wrapped in prompt templates; 2: those texts dropped
+    data: str = "synthetic"  # synthetic[:N] | csv:FILE | shards:DIR | folder:DIR (see data/README.md)
+    eval_data: str = "synthetic"  # same forms; a folder's class subfolders become the zero-shot classes
+    img_size: int = 0  # 0 = the preset's (64 toy, 224 otherwise); 384 for the paper's last phase
+    window_size: int = 0  # 0 = the image preset's; 12 at 384 (bias tables are resized on --init_from)
+    init_from: str = ""  # a checkpoint whose model weights start this run (e.g. the 224 run before 384)
+    tokenizer: str = ""  # a tokenizer JSON to use instead of training one on the data
+    vocab_size: int = 0  # 0 = the preset's; BPE merges are learned up to this size
+    tokenizer_texts: int = 10_000  # training captions the BPE merges are learned from
+    # schedule
+    max_steps: int = 700
+    max_minutes: float = 0.0  # > 0: a time budget; the cosine schedule is fitted to it (see Trainer)
+    batch_size: int = 64  # global batch per optimiser step
+    accum_steps: int = 1
+    lr: float = 2e-3
+    min_lr_ratio: float = 0.02  # cosine decays to lr × this
+    warmup_steps: int = 50
+    weight_decay: float = 0.1  # AdamW; never on norms, biases, bias tables, embeddings, logit scale
+    beta1: float = 0.9
+    beta2: float = 0.98
+    eps: float = 1e-6
+    grad_clip: float = 1.0  # 0 = off
+    drop_path: float = -1.0  # < 0 = the preset's
+    # scale and precision (paper §2.7)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    amp: str = "auto"  # auto (bf16 on CUDA that has it, fp16 on older CUDA, off on CPU) | bf16 | fp16 | off
+    fsdp: bool = False  # shard parameters, gradients and optimiser state (ZeRO-3) instead of DDP
+    grad_ckpt: bool = False  # activation checkpointing in every transformer block
+    gradcache_chunk: int = 0  # > 0: contrastive gradient cache with sub-batches of this many rows
+    compile: bool = False  # torch.compile the model
+    workers: int = 0  # DataLoader worker processes per rank
+    seed: int = 0
+    # evaluation, logging, checkpoints
+    eval_every: int = 250
+    eval_size: int = 1000  # held-out samples for evaluation (synthetic / capped for files)
+    log_every: int = 10
+    ckpt_every: int = 250
+    max_bad_steps: int = 20  # this many non-finite steps in a row stop the run
+    out_dir: str = "runs"
+    name: str = ""  # run name; default: <task>-<preset>
+    resume: str = ""  # "" (fresh) | auto (runs/<name>/ckpt.pt if present) | PATH
+    progress: bool = True  # tqdm bar on rank 0
+
+
+MODEL_PRESETS = {
+    # image tower (coswin preset), text tower (text_encoder preset), joint dim, image size, vocabulary
+    "toy": dict(image="toy", text="toy", embed_dim=128, img_size=64, vocab_size=1024),
+    "tiny": dict(image="tiny", text="clip_base", embed_dim=512, img_size=224, vocab_size=49408),
+    "base": dict(image="base", text="clip_base", embed_dim=512, img_size=224, vocab_size=49408),
+    "florence": dict(image="huge", text="florence", embed_dim=1024, img_size=224, vocab_size=102400),
+}
+
+
+def _parse_bool(v: str) -> bool:
+    if v.lower() in ("1", "true", "yes", "on"):
+        return True
+    if v.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {v!r}")
+
+
+def parse_config(argv=None) -> Config:
+    """CLI → Config. `--config run.json` loads a file first; flags given on the line win."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="", help="a JSON file of config fields (e.g. a run's config.json)")
+    defaults = Config()
+    for f in dataclasses.fields(Config):
+        default = getattr(defaults, f.name)
+        if isinstance(default, bool):  # `--fsdp` alone means true; `--fsdp false` also works
+            p.add_argument(f"--{f.name}", type=_parse_bool, nargs="?", const=True, default=None)
+        else:
+            p.add_argument(f"--{f.name}", type=type(default), default=None)
+    args, unknown = p.parse_known_args(argv)
+    if unknown:
+        valid = " ".join(f"--{f.name}" for f in dataclasses.fields(Config))
+        raise SystemExit(f"train.py: unknown flag(s) {' '.join(unknown)}. Valid flags: --config {valid}")
+    values = {}
+    if args.config:
+        try:
+            with open(args.config) as fh:
+                values = json.load(fh)
+        except (OSError, json.JSONDecodeError) as e:
+            raise SystemExit(f"train.py: cannot read --config {args.config!r} ({e}); give a JSON file of fields")
+        names = {f.name for f in dataclasses.fields(Config)}
+        bad = sorted(set(values) - names)
+        if bad:
+            raise SystemExit(f"train.py: {args.config} has unknown field(s) {bad}; valid: {sorted(names)}")
+    values.update({k: v for k, v in vars(args).items() if v is not None and k != "config"})
+    cfg = Config(**values)
+    validate_config(cfg)
+    return cfg
+
+
+def validate_config(cfg: Config):
+    if cfg.preset not in MODEL_PRESETS:
+        raise SystemExit(f"train.py: unknown --preset {cfg.preset!r}; choose one of {sorted(MODEL_PRESETS)}")
+    if cfg.task not in TASKS:
+        raise SystemExit(f"train.py: unknown --task {cfg.task!r}; available: {sorted(TASKS)}")
+    if cfg.amp not in ("auto", "bf16", "fp16", "off"):
+        raise SystemExit(f"train.py: --amp must be auto, bf16, fp16 or off, got {cfg.amp!r}")
+    if cfg.stage not in (1, 2):
+        raise SystemExit(f"train.py: --stage must be 1 or 2, got {cfg.stage}")
+    if cfg.accum_steps < 1 or cfg.batch_size < 1 or cfg.max_steps < 1:
+        raise SystemExit("train.py: --batch_size, --accum_steps and --max_steps must be ≥ 1")
+
+
+def resolved(cfg: Config) -> Config:
+    """Fill the preset-dependent zeros (img_size, vocab_size, name)."""
+    mp = MODEL_PRESETS[cfg.preset]
+    return dataclasses.replace(cfg, img_size=cfg.img_size or mp["img_size"],
+                               vocab_size=cfg.vocab_size or mp["vocab_size"],
+                               name=cfg.name or f"{cfg.task}-{cfg.preset}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Distributed setup: torchrun's RANK / LOCAL_RANK / WORLD_SIZE, NCCL on CUDA, gloo on CPU
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def on(self) -> bool:
+        return self.world > 1
+
+
+def setup_distributed(cfg: Config) -> Dist:
+    rank = int(os.environ.get("RANK", 0))
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if cfg.device == "auto":
+        device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(cfg.device)
+        if device.type == "cuda":
+            if not torch.cuda.is_available():
+                raise SystemExit("train.py: --device cuda but no CUDA device is visible; use --device cpu")
+            if device.index is None:
+                device = torch.device(f"cuda:{local_rank}")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                timeout=datetime.timedelta(minutes=30))
+    return Dist(rank, world, local_rank, device)
+
+
+def all_reduce_mean(values: list[float], d: Dist) -> list[float]:
+    if not d.on:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=d.device)
+    dist.all_reduce(t)
+    return (t / d.world).tolist()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Data order: a step-indexed global batch, split over ranks and micro-steps
+
+
+class GlobalBatchSampler(torch.utils.data.Sampler):
+    """Yields this rank's micro-batches of indices, step by step, from `start_step` on.
+
+    Epoch e is a permutation of the n samples seeded by (seed, e); step s of the run takes global batch
+    s mod steps_per_epoch of epoch s // steps_per_epoch (the tail that does not fill a batch is dropped).
+    Micro-step m of rank r gets rows [(m·W + r)·b, (m·W + r + 1)·b) of the global batch, so gathering over
+    ranks in rank order rebuilds the global batch exactly."""
+
+    def __init__(self, n: int, global_batch: int, rank: int, world: int, accum: int, seed: int, start_step: int = 0):
+        self.n, self.B, self.rank, self.world, self.accum, self.seed = n, global_batch, rank, world, accum, seed
+        self.micro = global_batch // (world * accum)
+        self.steps_per_epoch = n // global_batch
+        if self.steps_per_epoch == 0:
+            raise SystemExit(f"train.py: the training set has {n} samples, fewer than one global batch of "
+                             f"{global_batch}; lower --batch_size or add data")
+        self.start_step = start_step
+
+    def _perm(self, epoch: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+        return torch.randperm(self.n, generator=g)
+
+    def __iter__(self):
+        step = self.start_step
+        epoch, perm = None, None
+        while True:
+            e = step // self.steps_per_epoch
+            if e != epoch:
+                epoch, perm = e, self._perm(e)
+            s = step % self.steps_per_epoch
+            batch = perm[s * self.B:(s + 1) * self.B]
+            for m in range(self.accum):
+                j = m * self.world + self.rank
+                yield batch[j * self.micro:(j + 1) * self.micro].tolist()
+            step += 1
+
+    def __len__(self):  # infinite in principle; DataLoader only asks for len() when we do
+        return 2 ** 62
+
+
+def infinite_stream(loader_factory, skip_batches: int):
+    """For iterable (sharded) datasets: epochs back to back; `skip_batches` are read and dropped first
+    (a resumed stream repeats the epoch's order, so skipping re-reads rather than seeking)."""
+    epoch = 0
+    while True:
+        for batch in loader_factory(epoch):
+            if skip_batches > 0:
+                skip_batches -= 1
+                continue
+            yield batch
+        epoch += 1
+
+
+# ----------------------------------------------------------------------------------------------------
+# Tasks: build model, batch → loss, evaluate, visualise
+
+
+TASKS: dict[str, type] = {}
+
+
+def register_task(name: str):
+    def deco(cls):
+        TASKS[name] = cls
+        cls.name = name
+        return cls
+    return deco
+
+
+class Task:
+    """The interface between the loop and an objective. Subclass, decorate with @register_task(name).
+
+    build_model() → nn.Module            the raw model (the loop wraps it for DDP/FSDP/compile)
+    train_dataset() / eval_dataset()     map-style (preferred: exact resume) or iterable datasets
+    collate(samples) → batch dict        may include "skipped": n for dropped bad samples
+    loss(model, batch, step) → (loss, logs)   model is the wrapped model: call model(...)
+    forward_backward(model, batch, step, scale) → (loss, logs)   default: loss() then (loss·scale).backward()
+    evaluate(model, step) → {metric: float}   model is the raw model, full parameters available
+    visualise(model, run_dir)            write a picture for people (e.g. predictions.png)
+    state_dict() / load_state_dict(sd)   task-owned state that must travel with checkpoints (a tokenizer)
+    fsdp_wrap_classes() → set of module classes to shard as units
+    """
+    name = "base"
+
+    def __init__(self, cfg: Config, d: Dist):
+        self.cfg, self.dist = cfg, d
+
+    def forward_backward(self, model, batch, step: int, scale: float, scaler=None):
+        loss, logs = self.loss(model, batch, step)
+        scaled = loss * scale
+        (scaler.scale(scaled) if scaler is not None else scaled).backward()
+        return loss.detach(), logs
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, sd: dict):
+        pass
+
+    def fsdp_wrap_classes(self) -> set:
+        return set()
+
+    def visualise(self, model, run_dir: str):
+        pass
+
+
+def _draw_font(size: int = 12):
+    try:
+        return ImageFont.load_default(size=size)  # Pillow ≥ 10.1 has a scalable default font
+    except TypeError:
+        return ImageFont.load_default()
+
+
+@register_task("pretrain")
+class PretrainTask(Task):
+    """UniCL pretraining of the two towers (paper §2.2): hash-key positives, global-batch contrastive loss,
+    prompt templates for short texts in stage 1, none of them in stage 2. Evaluation: zero-shot top-1/5
+    on held-out images (class names through the prompt templates) and image↔text retrieval R@1/5/10."""
+
+    metrics = ("zeroshot_top1", "zeroshot_top5", "i2t_r1", "t2i_r1")
+
+    def __init__(self, cfg: Config, d: Dist):
+        super().__init__(cfg, d)
+        import data as data_lib
+
+        self.data_lib = data_lib
+        self._train = data_lib.build_dataset(cfg.data, split="train", img_size=cfg.img_size, task="pretrain",
+                                             seed=cfg.seed)
+        self._eval = None
+        self.tokenizer = None
+
+    # -- data ------------------------------------------------------------------------------------------
+    def train_dataset(self):
+        return self._train
+
+    def eval_dataset(self):
+        if self._eval is None:
+            kw = {"length": self.cfg.eval_size} if self.cfg.eval_data.split(":")[0].strip() == "synthetic" else {}
+            self._eval = self.data_lib.build_dataset(self.cfg.eval_data, split="val", img_size=self.cfg.img_size,
+                                                     task="pretrain", seed=self.cfg.seed, **kw)
+        return self._eval
+
+    def collate(self, samples):
+        return self.data_lib.collate_image_text(samples)
+
+    def class_names(self) -> list[str]:
+        classes = getattr(self.eval_dataset(), "classes", None)
+        if not classes:
+            raise SystemExit(f"train.py: --eval_data {self.cfg.eval_data!r} has no class names for zero-shot "
+                             "evaluation; use synthetic or folder:DIR (one subfolder per class)")
+        return list(classes)
+
+    def _corpus(self) -> list[str]:
+        """Texts to learn BPE merges from: captions of the training set, plus the prompts of the classes."""
+        import unicl
+
+        ds, limit = self._train, self.cfg.tokenizer_texts
+        texts = []
+        if isinstance(ds, IterableDataset):
+            for s in ds:
+                if s is not None:
+                    texts.append(s["text"])
+                if len(texts) >= limit:
+                    break
+        else:
+            step = max(1, len(ds) // limit)
+            for i in range(0, min(len(ds), limit * step), step):
+                s = ds.scene(i) if hasattr(ds, "scene") else ds[i]  # synthetic: the caption without rendering
+                if s is not None:
+                    texts.append(s["text"])
+        for name in getattr(ds, "classes", None) or []:
+            texts += [t.format(name) for t in unicl.TEMPLATES]
+        return texts
+
+    # -- model -----------------------------------------------------------------------------------------
+    def build_tokenizer(self):
+        from text_encoder import Tokenizer
+
+        if self.tokenizer is not None:
+            return self.tokenizer
+        if self.cfg.tokenizer:
+            self.tokenizer = Tokenizer.load(self.cfg.tokenizer)
+        else:
+            t0 = time.time()
+            self.tokenizer = Tokenizer.train(self._corpus(), self.cfg.vocab_size)
+            if self.dist.main:
+                tqdm.write(f"tokenizer: {self.tokenizer.vocab_size} tokens learned in {time.time() - t0:.1f}s")
+        if self.dist.main:
+            run_dir = os.path.join(self.cfg.out_dir, self.cfg.name)
+            os.makedirs(run_dir, exist_ok=True)
+            self.tokenizer.save(os.path.join(run_dir, "tokenizer.json"))
+        return self.tokenizer
+
+    def build_model(self) -> nn.Module:
+        import coswin
+        import text_encoder
+        import unicl
+
+        mp = MODEL_PRESETS[self.cfg.preset]
+        tok = self.build_tokenizer()
+        img_kw = {}
+        if self.cfg.window_size:
+            img_kw["window_size"] = self.cfg.window_size
+        if self.cfg.drop_path >= 0:
+            img_kw["drop_path_rate"] = self.cfg.drop_path
+        image = coswin.build(mp["image"], grad_checkpointing=self.cfg.grad_ckpt, **img_kw)
+        text = text_encoder.build(mp["text"], vocab_size=tok.vocab_size, grad_checkpointing=self.cfg.grad_ckpt)
+        self.context_length = text.cfg.context_length
+        return unicl.Florence(image, text, embed_dim=mp["embed_dim"])
+
+    def fsdp_wrap_classes(self):
+        import coswin
+        import text_encoder
+
+        return {coswin.SwinBlock, text_encoder.Block}
+
+    def state_dict(self):
+        return {"tokenizer_merges": [list(m) for m in self.tokenizer.merges]}
+
+    def load_state_dict(self, sd):
+        from text_encoder import Tokenizer
+
+        if "tokenizer_merges" in sd:
+            self.tokenizer = Tokenizer([tuple(m) for m in sd["tokenizer_merges"]])
+
+    # -- loss ------------------------------------------------------------------------------------------
+    def prepare(self, batch, step: int):
+        """Texts → (tokens, keys). Stage 1 wraps short texts in a random template (the key stays the
+        text's own, so all prompts of one label are positives); stage 2 drops short texts."""
+        import unicl
+
+        texts, keep = batch["text"], None
+        short = batch.get("short")
+        if short is None:
+            short = torch.tensor([unicl.is_short_caption(t) for t in texts])
+        if self.cfg.stage == 2 and bool(short.any()):
+            keep = ~short
+            texts = [t for t, k in zip(texts, keep.tolist()) if k]
+        labels = batch["label"] if keep is None else batch["label"][keep]
+        if getattr(self._train, "classes", None) and self.cfg.data.startswith("folder"):
+            keys = torch.tensor([unicl.class_key(int(y)) for y in labels.tolist()])  # image-label data
+        else:
+            keys = unicl.batch_labels(texts)
+        if self.cfg.stage == 1:  # the template is a function of (seed, step, text): the same on any rank layout
+            texts = [unicl.augment_short_caption(t, random.Random(hash((self.cfg.seed, step, unicl.caption_key(t)))))[0]
+                     for t in texts]
+        tokens = self.tokenizer(texts, self.context_length)
+        images = batch["image"] if keep is None else batch["image"][keep]
+        dev = self.dist.device
+        return images.to(dev, non_blocking=True), tokens.to(dev, non_blocking=True), keys.to(dev)
+
+    def loss(self, model, batch, step):
+        import unicl
+
+        images, tokens, keys = self.prepare(batch, step)
+        u, v, tau = model(images, tokens)
+        return unicl.unicl_loss(u, v, keys, tau), {"tau": float(tau.detach())}
+
+    def forward_backward(self, model, batch, step, scale, scaler=None):
+        if self.cfg.gradcache_chunk <= 0:
+            return super().forward_backward(model, batch, step, scale, scaler)
+        import unicl
+
+        images, tokens, keys = self.prepare(batch, step)
+        raw = model.module if hasattr(model, "module") else model
+
+        def loss_fn(u, v, k, tau):
+            loss = unicl.unicl_loss(u, v, k, tau) * scale
+            return scaler.scale(loss) if scaler is not None else loss
+
+        loss = unicl.gradcache_step(raw, images, tokens, keys, self.cfg.gradcache_chunk, loss_fn=loss_fn)
+        if scaler is not None:
+            loss = loss / scaler.get_scale()
+        return loss / scale, {"tau": float(raw.scale().detach())}
+
+    # -- evaluation ------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def embed_eval(self, model, max_n: int | None = None):
+        """Held-out image and caption embeddings, labels and the images themselves (CPU)."""
+        ds = self.eval_dataset()
+        loader = DataLoader(ds, batch_size=128, shuffle=False, collate_fn=self.collate, num_workers=0,
+                            generator=torch.Generator())  # its own generator: evaluation draws no global RNG
+        u, v, labels, images, texts = [], [], [], [], []
+        for batch in loader:
+            if "image" not in batch:
+                continue
+            x = batch["image"].to(self.dist.device)
+            u.append(model.encode_image(x).float().cpu())
+            v.append(model.encode_text(self.tokenizer(batch["text"], self.context_length).to(self.dist.device))
+                     .float().cpu())
+            labels.append(batch["label"])
+            texts += batch["text"]
+            images.append(batch["image"][:max(0, 32 - sum(len(i) for i in images))])
+            if max_n and sum(len(t) for t in u) >= max_n:
+                break
+        return torch.cat(u), torch.cat(v), torch.cat(labels), torch.cat(images), texts
+
+    @torch.no_grad()
+    def evaluate(self, model, step):
+        import unicl
+
+        was = model.training
+        model.eval()
+        try:
+            u, v, labels, _, texts = self.embed_eval(model, self.cfg.eval_size)
+            W = unicl.zero_shot_classifier(model, self.tokenizer, self.class_names(),
+                                           context_length=self.context_length).float().cpu()  # (D, K)
+            out = {}
+            if (labels >= 0).any():
+                ok = labels >= 0
+                top1, top5 = unicl.accuracy(u[ok] @ W, labels[ok], topk=(1, 5))
+                out.update(zeroshot_top1=top1, zeroshot_top5=top5)
+            out.update(unicl.retrieval_recall(u, v, torch.arange(len(v))))
+            return out
+        finally:
+            model.train(was)
+
+    @torch.no_grad()
+    def visualise(self, model, run_dir):
+        """predictions.png: held-out images with their top-3 zero-shot classes (green = correct)."""
+        import unicl
+        from data.transforms import denormalize
+
+        was = model.training
+        model.eval()
+        try:
+            names = self.class_names()
+            u, _, labels, images, _ = self.embed_eval(model, 16)
+            W = unicl.zero_shot_classifier(model, self.tokenizer, names, context_length=self.context_length).float().cpu()
+            probs = (float(model.scale()) * u @ W).softmax(-1)
+        finally:
+            model.train(was)
+        n = min(16, len(images))
+        tile, cols = 128, 4
+        rows = math.ceil(n / cols)
+        canvas = Image.new("RGB", (cols * tile, rows * (tile + 48)), "white")
+        draw, font = ImageDraw.Draw(canvas), _draw_font(11)
+        for i in range(n):
+            img = (denormalize(images[i]).clamp(0, 1) * 255).byte().permute(1, 2, 0).numpy()
+            x0, y0 = (i % cols) * tile, (i // cols) * (tile + 48)
+            canvas.paste(Image.fromarray(img).resize((tile - 8, tile - 8), Image.NEAREST), (x0 + 4, y0 + 4))
+            p, k = probs[i].topk(3)
+            for r, (pp, kk) in enumerate(zip(p.tolist(), k.tolist())):
+                colour = (0, 140, 0) if kk == int(labels[i]) else (200, 0, 0) if r == 0 else (90, 90, 90)
+                draw.text((x0 + 4, y0 + tile + r * 14), f"{names[kk]} {pp:.0%}", fill=colour, font=font)
+        path = os.path.join(run_dir, "predictions.png")
+        canvas.save(path)
+        return path
+
+
+# ----------------------------------------------------------------------------------------------------
+# Optimiser and schedule
+
+
+NO_DECAY_WORDS = ("relative_position_bias_table", "logit_scale", "embedding", "pos_embed", "positional", "token_embed")
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: decay on weight matrices and conv kernels; none on norms, biases, bias tables,
+    embeddings and the logit scale (CLIP / Swin practice)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if p.ndim <= 1 or any(w in name for w in NO_DECAY_WORDS) or isinstance(_owner(model, name), nn.Embedding):
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _owner(model: nn.Module, param_name: str):
+    mod = model
+    for part in param_name.split(".")[:-1]:
+        mod = getattr(mod, part, None)
+        if mod is None:
+            return None
+    return mod
+
+
+def lr_at(step: int, cfg: Config, total: int) -> float:
+    """Linear warmup over warmup_steps, then cosine from lr down to lr · min_lr_ratio at `total`."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    t = min(1.0, (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps))
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+def resolve_amp(cfg: Config, device: torch.device):
+    """→ (autocast dtype or None, use GradScaler)."""
+    amp = cfg.amp
+    if amp == "auto":
+        if device.type != "cuda":
+            return None, False
+        amp = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if amp == "off":
+        return None, False
+    if amp == "fp16" and device.type != "cuda":
+        raise SystemExit("train.py: --amp fp16 needs CUDA (use bf16 or off on CPU)")
+    return (torch.bfloat16 if amp == "bf16" else torch.float16), amp == "fp16"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Checkpoints: atomic save, clear errors on load
+
+
+def atomic_save(obj, path: str):
+    tmp = f"{path}.tmp.{os.getpid()}"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise SystemExit(f"train.py: checkpoint {path!r} does not exist; check the path or drop --resume/--init_from")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise SystemExit(f"train.py: checkpoint {path!r} is corrupt or not a torch checkpoint "
+                         f"({type(e).__name__}); use an earlier checkpoint or start without --resume") from None
+    if not isinstance(ckpt, dict) or "model" not in ckpt:
+        raise SystemExit(f"train.py: {path!r} is not a train.py checkpoint (no 'model' entry)")
+    return ckpt
+
+
+def check_compatible(own: dict, theirs: dict, path: str, allow_resize: bool = False):
+    """Raise a clear message naming mismatched keys (missing, unexpected, or of another shape)."""
+    missing = sorted(set(own) - set(theirs))
+    unexpected = sorted(set(theirs) - set(own))
+    shape = sorted(k for k in set(own) & set(theirs) if own[k].shape != theirs[k].shape
+                   and not (allow_resize and k.endswith("relative_position_bias_table")))
+    if missing or unexpected or shape:
+        parts = []
+        if missing:
+            parts.append(f"missing {missing[:5]}{'…' if len(missing) > 5 else ''}")
+        if unexpected:
+            parts.append(f"unexpected {unexpected[:5]}{'…' if len(unexpected) > 5 else ''}")
+        if shape:
+            k = shape[0]
+            parts.append(f"{len(shape)} of another shape, e.g. {k}: checkpoint {tuple(theirs[k].shape)} vs "
+                         f"model {tuple(own[k].shape)}")
+        raise SystemExit(f"train.py: checkpoint {path!r} is from a different architecture ({'; '.join(parts)}). "
+                         "Use the --preset/--window_size it was trained with, or start a fresh run.")
+
+
+def rng_state() -> dict:
+    st = {"python": list(random.getstate()[1]), "python_pos": random.getstate()[2],
+          "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64)), "numpy_pos": int(np.random.get_state()[2]),
+          "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def set_rng_state(st: dict):
+    random.setstate((3, tuple(st["python"]), st["python_pos"]))
+    np.random.set_state(("MT19937", st["numpy"].numpy().astype(np.uint32), st["numpy_pos"], 0, 0.0))
+    torch.set_rng_state(st["torch"])
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])
+
+
+# ----------------------------------------------------------------------------------------------------
+# Pictures (pillow only)
+
+
+def plot_curves(metrics_path: str, out_path: str, title: str = ""):
+    """curves.png: training loss (left) and every evaluation fraction (right) against step."""
+    rows = []
+    with open(metrics_path) as fh:
+        for line in fh:
+            with contextlib.suppress(json.JSONDecodeError):
+                rows.append(json.loads(line))
+    loss = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    evals = {}
+    for r in rows:
+        for k, v in r.items():
+            if k != "step" and isinstance(v, (int, float)) and (k.endswith(("top1", "top5", "_r1", "_r5", "_r10"))
+                                                                or k.startswith(("det_", "vqa_", "video_"))):
+                evals.setdefault(k, []).append((r["step"], v))
+    W, H, pad = 960, 400, 56
+    img = Image.new("RGB", (W, H), "white")
+    draw, font = ImageDraw.Draw(img), _draw_font(12)
+    palette = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75)]
+    max_step = max([s for s, _ in loss] + [s for pts in evals.values() for s, _ in pts] + [1])
+
+    def panel(x0, series, ylo, yhi, label):
+        x1, y0, y1 = x0 + W // 2 - pad - 16, pad // 2 + 16, H - pad
+        draw.rectangle([x0, y0, x1, y1], outline="black")
+        draw.text((x0, 6), label, fill="black", font=font)
+        for frac in (0, 0.5, 1):
+            yv = ylo + frac * (yhi - ylo)
+            yy = y1 - frac * (y1 - y0)
+            draw.line([x0 - 4, yy, x0, yy], fill="black")
+            draw.text((x0 - 44, yy - 7), f"{yv:.3g}", fill="black", font=font)
+        for frac in (0, 0.5, 1):
+            xx = x0 + frac * (x1 - x0)
+            draw.text((xx - 10, y1 + 6), f"{int(frac * max_step)}", fill="black", font=font)
+        draw.text(((x0 + x1) // 2 - 12, y1 + 24), "step", fill="black", font=font)
+        for i, (name, pts) in enumerate(series.items()):
+            colour = palette[i % len(palette)]
+            xy = [(x0 + s / max_step * (x1 - x0), y1 - (v - ylo) / max(1e-12, yhi - ylo) * (y1 - y0)) for s, v in pts]
+            if len(xy) > 1:
+                draw.line(xy, fill=colour, width=2)
+            for p in xy[-1:] if len(xy) > 1 else xy:
+                draw.ellipse([p[0] - 3, p[1] - 3, p[0] + 3, p[1] + 3], fill=colour)
+            if len(series) > 1:
+                draw.text((x0 + 8, y0 + 6 + 14 * i), f"{name} {pts[-1][1]:.3f}", fill=colour, font=font)
+
+    if loss:
+        vals = [v for _, v in loss]
+        panel(pad, {"loss": loss}, min(0.0, min(vals)), max(vals), f"training loss {title}  (last {vals[-1]:.3f})")
+    if evals:
+        panel(W // 2 + pad, evals, 0.0, 1.0, "held-out evaluation (fractions)")
+    img.save(out_path)
+    return out_path
+
+
+# ----------------------------------------------------------------------------------------------------
+# The loop
+
+
+class Trainer:
+    """Owns the run: model wrapping, optimiser, data position, AMP, checkpoints, evaluation, logging.
+
+    `--max_minutes`: after 10 timed steps the cosine schedule's length is set to the steps that fit in
+    the remaining budget (minus the measured evaluation cost), capped by --max_steps; the run then ends
+    cleanly with its final evaluation and checkpoint when the budget or the steps run out."""
+
+    def __init__(self, cfg: Config, d: Dist):
+        self.cfg, self.dist = cfg, d
+        self.run_dir = os.path.join(cfg.out_dir, cfg.name)
+        self.ckpt_path = os.path.join(self.run_dir, "ckpt.pt")
+        self.metrics_path = os.path.join(self.run_dir, "metrics.jsonl")
+        if d.main:
+            os.makedirs(self.run_dir, exist_ok=True)
+        self.task: Task = TASKS[cfg.task](cfg, d)
+        self.amp_dtype, use_scaler = resolve_amp(cfg, d.device)
+        self.scaler = torch.amp.GradScaler("cuda") if use_scaler else None
+        self.step = 0
+        self.total_steps = cfg.max_steps
+        self.bad_in_a_row = self.bad_total = 0
+        self.skipped_samples = 0
+        self.stop_requested = False
+
+        resume_path = self._resume_path()
+        ckpt = load_checkpoint(resume_path) if resume_path else None
+        if ckpt is not None:
+            self.task.load_state_dict(ckpt.get("task", {}))
+        # the same initial weights on every rank; then a per-rank stream for dropout / drop-path
+        torch.manual_seed(cfg.seed)
+        self.model = self.task.build_model().to(d.device)
+        if cfg.init_from and ckpt is None:
+            self._init_from(cfg.init_from)
+        self.wrapped = self._wrap(self.model)
+        self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg.weight_decay), lr=cfg.lr,
+                                           betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+                                           fused=d.device.type == "cuda")
+        torch.manual_seed(cfg.seed + 1000 * d.rank)
+        random.seed(cfg.seed + d.rank)
+        np.random.seed(cfg.seed + d.rank)
+        if ckpt is not None:
+            self._load(ckpt, resume_path)
+        if d.main and ckpt is None:
+            with open(os.path.join(self.run_dir, "config.json"), "w") as fh:
+                json.dump(dataclasses.asdict(cfg), fh, indent=2)
+            if os.path.exists(self.metrics_path):
+                os.remove(self.metrics_path)
+
+    # -- set-up ----------------------------------------------------------------------------------------
+    def _resume_path(self) -> str:
+        r = self.cfg.resume
+        if r == "auto":
+            return self.ckpt_path if os.path.isfile(self.ckpt_path) else ""
+        return r
+
+    def _init_from(self, path: str):
+        import coswin
+
+        sd = load_checkpoint(path)["model"]
+        own = self.model.state_dict()
+        check_compatible(own, sd, path, allow_resize=True)
+        for k, v in sd.items():
+            if k.endswith("relative_position_bias_table") and v.shape != own[k].shape:
+                sd[k] = coswin.resize_bias_table(v, (math.isqrt(own[k].shape[0]) + 1) // 2)
+        self.model.load_state_dict(sd)
+        if self.dist.main:
+            tqdm.write(f"initialised from {path} (bias tables resized where the window changed)")
+
+    def _wrap(self, model: nn.Module) -> nn.Module:
+        cfg, d = self.cfg, self.dist
+        wrapped = model
+        if cfg.fsdp:
+            if cfg.gradcache_chunk > 0:
+                raise SystemExit("train.py: --gradcache_chunk with --fsdp is not supported yet; use DDP with "
+                                 "--gradcache_chunk, or --fsdp with --grad_ckpt")
+            from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+            from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+            if not dist.is_initialized():
+                raise SystemExit("train.py: --fsdp needs torchrun (torch.distributed); launch with "
+                                 "torchrun --nproc_per_node=N train.py --fsdp")
+            wrapped = FSDP(model, auto_wrap_policy=ModuleWrapPolicy(self.task.fsdp_wrap_classes()),
+                           use_orig_params=True, sync_module_states=False,
+                           device_id=d.device if d.device.type == "cuda" else None)
+        elif d.on:
+            wrapped = nn.parallel.DistributedDataParallel(
+                model, device_ids=[d.device.index] if d.device.type == "cuda" else None)
+        if cfg.compile:
+            wrapped = torch.compile(wrapped)
+        return wrapped
+
+    def _full_state(self) -> tuple[dict, dict]:
+        """Unwrapped, uncompiled model and optimiser state (full, even under FSDP)."""
+        if self.cfg.fsdp:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+            return get_state_dict(self.wrapped, self.optimizer,
+                                  options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return self.model.state_dict(), self.optimizer.state_dict()
+
+    def _load(self, ckpt: dict, path: str):
+        check_compatible(self.model.state_dict(), ckpt["model"], path)
+        if self.cfg.fsdp:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+            set_state_dict(self.wrapped, self.optimizer, model_state_dict=ckpt["model"],
+                           optim_state_dict=ckpt["optimizer"], options=StateDictOptions(full_state_dict=True))
+        else:
+            self.model.load_state_dict(ckpt["model"])
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+        if self.scaler is not None and ckpt.get("scaler"):
+            self.scaler.load_state_dict(ckpt["scaler"])
+        self.step = int(ckpt["step"])
+        self.total_steps = int(ckpt.get("total_steps", self.cfg.max_steps))
+        self.skipped_samples = int(ckpt.get("skipped_samples", 0))
+        rngs = ckpt.get("rng", [])
+        if len(rngs) == self.dist.world:
+            set_rng_state(rngs[self.dist.rank])
+        if self.dist.main:
+            tqdm.write(f"resumed from {path} at step {self.step}")
+
+    def save(self):
+        model_sd, optim_sd = self._full_state()
+        rngs = [None] * self.dist.world
+        if self.dist.on:
+            dist.all_gather_object(rngs, rng_state())
+        else:
+            rngs = [rng_state()]
+        if self.dist.main:
+            atomic_save({"model": model_sd, "optimizer": optim_sd,
+                         "scaler": self.scaler.state_dict() if self.scaler is not None else {},
+                         "step": self.step, "total_steps": self.total_steps, "data_position": self.step,
+                         "skipped_samples": self.skipped_samples, "rng": rngs,
+                         "config": json.dumps(dataclasses.asdict(self.cfg)), "task": self.task.state_dict()},
+                        self.ckpt_path)
+        if self.dist.on:
+            dist.barrier()
+
+    # -- logging ---------------------------------------------------------------------------------------
+    def log(self, record: dict):
+        if self.dist.main:
+            with open(self.metrics_path, "a") as fh:
+                fh.write(json.dumps({"step": self.step, **record}) + "\n")
+
+    def evaluate(self, final: bool = False):
+        ctx = contextlib.nullcontext()
+        if self.cfg.fsdp:
+            from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+            ctx = FSDP.summon_full_params(self.wrapped, writeback=False)
+        with ctx, torch.autocast(self.dist.device.type, dtype=self.amp_dtype or torch.float32,
+                                 enabled=self.amp_dtype is not None):
+            metrics = self.task.evaluate(self.model, self.step)
+            if final and self.dist.main:
+                self.task.visualise(self.model, self.run_dir)
+        self.log({"event": "eval", **metrics})
+        if self.dist.main:
+            tqdm.write(f"step {self.step}: " + "  ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
+        return metrics
+
+    # -- data ------------------------------------------------------------------------------------------
+    def batches(self):
+        cfg, d = self.cfg, self.dist
+        ds = self.task.train_dataset()
+        micro = cfg.batch_size // (d.world * cfg.accum_steps)
+        if micro * d.world * cfg.accum_steps != cfg.batch_size:
+            raise SystemExit(f"train.py: --batch_size {cfg.batch_size} must be divisible by processes × "
+                             f"accum_steps = {d.world} × {cfg.accum_steps}")
+        g = torch.Generator().manual_seed(cfg.seed * 7919 + d.rank)
+        if isinstance(ds, IterableDataset):
+            def factory(epoch):
+                if hasattr(ds, "set_epoch"):
+                    ds.set_epoch(epoch)
+                return DataLoader(ds, batch_size=micro, collate_fn=self.task.collate, num_workers=cfg.workers,
+                                  generator=g, pin_memory=d.device.type == "cuda", drop_last=True)
+            yield from infinite_stream(factory, self.step * cfg.accum_steps)
+            return
+        sampler = GlobalBatchSampler(len(ds), cfg.batch_size, d.rank, d.world, cfg.accum_steps, cfg.seed, self.step)
+        loader = DataLoader(ds, batch_sampler=sampler, collate_fn=self.task.collate, num_workers=cfg.workers,
+                            generator=g, pin_memory=d.device.type == "cuda",
+                            persistent_workers=False, prefetch_factor=4 if cfg.workers else None)
+        yield from loader
+
+    # -- one optimiser step ----------------------------------------------------------------------------
+    def train_step(self, batches) -> tuple[float, dict]:
+        cfg, d = self.cfg, self.dist
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr_at(self.step, cfg, self.total_steps)
+        manual_sync = d.on and not cfg.fsdp and cfg.gradcache_chunk > 0  # gradcache bypasses DDP's hooks
+        losses, logs = [], {}
+        for m in range(cfg.accum_steps):
+            batch = next(batches)
+            self.skipped_samples += int(batch.pop("skipped", 0))
+            last = m == cfg.accum_steps - 1
+            sync_ctx = contextlib.nullcontext()
+            if hasattr(self.wrapped, "no_sync") and (not last or manual_sync):
+                sync_ctx = self.wrapped.no_sync()
+            with sync_ctx, torch.autocast(d.device.type, dtype=self.amp_dtype or torch.float32,
+                                          enabled=self.amp_dtype is not None):
+                loss, logs = self.task.forward_backward(self.wrapped, batch, self.step, 1.0 / cfg.accum_steps,
+                                                        self.scaler)
+            losses.append(float(loss))
+        if manual_sync:
+            for p in self.model.parameters():
+                if p.grad is not None:
+                    dist.all_reduce(p.grad)
+                    p.grad /= d.world
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        if cfg.fsdp:
+            gnorm = self.wrapped.clip_grad_norm_(cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        else:
+            gnorm = nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        loss = sum(losses) / len(losses)
+        stop_flag = 1.0 if self.stop_requested else 0.0
+        loss, gnorm_f, stop_flag = all_reduce_mean([loss, float(gnorm), stop_flag], d)
+        self.stop_requested = stop_flag > 0
+        finite = math.isfinite(loss) and math.isfinite(gnorm_f)
+        if finite or self.scaler is not None:
+            if self.scaler is not None:
+                self.scaler.step(self.optimizer)  # skips the update itself on inf/NaN gradients
+                self.scaler.update()
+            else:
+                self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if hasattr(self.model, "clamp_logit_scale_"):
+            self.model.clamp_logit_scale_()
+        if finite:
+            self.bad_in_a_row = 0
+        else:
+            self.bad_in_a_row += 1
+            self.bad_total += 1
+            self.log({"event": "nonfinite", "loss": None if not math.isfinite(loss) else loss})
+            if self.bad_in_a_row >= cfg.max_bad_steps:
+                raise SystemExit(f"train.py: {self.bad_in_a_row} non-finite steps in a row at step {self.step}; "
+                                 "lower --lr, use --amp bf16 or off, or check the data")
+        return loss, {"grad_norm": gnorm_f, **logs}
+
+    # -- the run ---------------------------------------------------------------------------------------
+    def _on_signal(self, signum, frame):
+        self.stop_requested = True
+        if self.dist.main:
+            tqdm.write(f"signal {signum}: saving a checkpoint after this step, then stopping")
+
+    def fit(self) -> dict:
+        cfg, d = self.cfg, self.dist
+        old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        t_start = time.time()
+        deadline = t_start + cfg.max_minutes * 60 if cfg.max_minutes > 0 else None
+        eval_cost = 0.0
+        batches = self.batches()
+        bar = tqdm(total=self.total_steps, initial=self.step, disable=not (d.main and cfg.progress),
+                   dynamic_ncols=True, desc=cfg.name)
+        t_window, n_window = time.time(), 0
+        timed_from, timed_t0 = None, None
+        metrics = {}
+        try:
+            while self.step < self.total_steps:
+                loss, logs = self.train_step(batches)
+                self.step += 1
+                n_window += 1
+                bar.update(1)
+                if timed_from is None and self.step >= 2:
+                    timed_from, timed_t0 = self.step, time.time()
+                if deadline and timed_from is not None and self.step == timed_from + 10:
+                    per_step = (time.time() - timed_t0) / 10
+                    n_evals = max(1, (self.total_steps - self.step) // cfg.eval_every)
+                    left = deadline - time.time() - eval_cost * n_evals
+                    fit = self.step + max(1, int(left / per_step))
+                    self.total_steps = min(cfg.max_steps, max(fit, self.step + 1))
+                    bar.total = self.total_steps
+                    self.log({"event": "schedule", "total_steps": self.total_steps, "per_step_s": per_step})
+                if self.step % cfg.log_every == 0 or self.step == self.total_steps:
+                    sps = n_window * cfg.batch_size / max(1e-9, time.time() - t_window)
+                    lr = self.optimizer.param_groups[0]["lr"]
+                    self.log({"loss": loss, "lr": lr, "samples_per_s": sps, **logs})
+                    bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", samples_s=f"{sps:.0f}")
+                    t_window, n_window = time.time(), 0
+                out_of_time = deadline is not None and time.time() >= deadline
+                done = self.step >= self.total_steps or out_of_time or self.stop_requested
+                if self.step % cfg.eval_every == 0 and not done:
+                    t0 = time.time()
+                    metrics = self.evaluate()
+                    eval_cost = time.time() - t0
+                if self.step % cfg.ckpt_every == 0 or done:
+                    self.save()
+                if done:
+                    break
+        finally:
+            bar.close()
+            for s, h in old.items():
+                signal.signal(s, h)
+        if self.stop_requested:
+            self.log({"event": "stopped", "reason": "signal"})
+            return {}
+        metrics = self.evaluate(final=True)
+        wall = time.time() - t_start
+        self.log({"event": "end", "wall_s": wall, "skipped_samples": self.skipped_samples,
+                  "nonfinite_steps": self.bad_total, **metrics})
+        if d.main:
+            plot_curves(self.metrics_path, os.path.join(self.run_dir, "curves.png"), cfg.name)
+            tqdm.write(f"done: {self.step} steps in {wall / 60:.1f} min; outputs in {self.run_dir}/ "
+                       f"(metrics.jsonl, ckpt.pt, curves.png)")
+        return metrics
+
+
+def main(argv=None):
+    cfg = resolved(parse_config(argv))
+    d = setup_distributed(cfg)
+    warnings.filterwarnings("ignore", message=".*TypedStorage is deprecated.*")
+    try:
+        Trainer(cfg, d).fit()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

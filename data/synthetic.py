@@ -575,3 +575,22 @@ class MovingShapes(_Synthetic):
         sc = self.scene(index)
         x = _to_tensor(self.render(sc))  # (3, T, S, S)
         return {"video": x, "label": sc["label"]}
+
+
+def benchmark(n: int = 2000, threads: int = 1) -> dict[str, float]:
+    """Samples per second of each generator at its default size, on `threads` torch threads. One core:
+    taskset -c 0 python -c "from data.synthetic import benchmark; print(benchmark())" """
+    import time
+
+    torch.set_num_threads(threads)
+    out = {}
+    for cls in (ShapesText, ShapesDetection, ShapesVQA, MovingShapes):
+        for split in ("train", "val"):
+            ds = cls(split, length=n)
+            ds[0]
+            t = time.perf_counter()
+            for i in range(n):
+                ds[i]
+            out[f"{cls.__name__}({split}, {ds.img_size}px)"] = n / (time.perf_counter() - t)
+    return out
+

@@ -300,11 +300,27 @@ class Task:
     visualise(model, run_dir)            write a picture for people (e.g. predictions.png)
     state_dict() / load_state_dict(sd)   task-owned state that must travel with checkpoints (a tokenizer)
     fsdp_wrap_classes() → set of module classes to shard as units
+    init_from(model, ckpt, path)         --init_from: default = every weight, window tables resized;
+                                         adapters override it to take the towers of a pretraining run
+    `self.init_checkpoint` holds the --init_from checkpoint (or None) while build_model() runs, so a
+    task can read the tokenizer or config from it (see `build_pretrained`).
     """
     name = "base"
 
     def __init__(self, cfg: Config, d: Dist):
         self.cfg, self.dist = cfg, d
+        self.init_checkpoint = None
+
+    def init_from(self, model: nn.Module, ckpt: dict, path: str):
+        import coswin
+
+        sd = dict(ckpt["model"])
+        own = model.state_dict()
+        check_compatible(own, sd, path, allow_resize=True)
+        for k, v in sd.items():
+            if k.endswith("relative_position_bias_table") and v.shape != own[k].shape:
+                sd[k] = coswin.resize_bias_table(v, (math.isqrt(own[k].shape[0]) + 1) // 2)
+        model.load_state_dict(sd)
 
     def forward_backward(self, model, batch, step: int, scale: float, scaler=None):
         loss, logs = self.loss(model, batch, step)
@@ -397,16 +413,18 @@ class PretrainTask(Task):
     def build_tokenizer(self):
         from text_encoder import Tokenizer
 
+        if self.tokenizer is None and self.init_checkpoint is not None:
+            self.load_state_dict(self.init_checkpoint.get("task", {}))  # the run we start from has one
         if self.tokenizer is not None:
-            return self.tokenizer
-        if self.cfg.tokenizer:
+            pass
+        elif self.cfg.tokenizer:
             self.tokenizer = Tokenizer.load(self.cfg.tokenizer)
         else:
             t0 = time.time()
             self.tokenizer = Tokenizer.train(self._corpus(), self.cfg.vocab_size)
             if self.dist.main:
                 tqdm.write(f"tokenizer: {self.tokenizer.vocab_size} tokens learned in {time.time() - t0:.1f}s")
-        if self.dist.main:
+        if self.dist.main and self.cfg.name:
             run_dir = os.path.join(self.cfg.out_dir, self.cfg.name)
             os.makedirs(run_dir, exist_ok=True)
             self.tokenizer.save(os.path.join(run_dir, "tokenizer.json"))
@@ -567,6 +585,28 @@ class PretrainTask(Task):
         path = os.path.join(run_dir, "predictions.png")
         canvas.save(path)
         return path
+
+
+def build_pretrained(ckpt: dict | str, device="cpu"):
+    """A `--task pretrain` checkpoint (dict or path) → (Florence model with its weights, Tokenizer, Config).
+
+    For adapters: `florence.image_encoder` is the CoSwin, `florence.text_encoder` the text tower."""
+    if isinstance(ckpt, str):
+        ckpt = load_checkpoint(ckpt)
+    try:
+        pcfg = Config(**json.loads(ckpt["config"]))
+    except (KeyError, TypeError, json.JSONDecodeError):
+        raise SystemExit("train.py: the --init_from checkpoint holds no train.py config; give a checkpoint "
+                         "written by `python train.py --task pretrain`") from None
+    if pcfg.task != "pretrain" or "tokenizer_merges" not in ckpt.get("task", {}):
+        raise SystemExit(f"train.py: the --init_from checkpoint is from --task {pcfg.task}; adapters start "
+                         "from a --task pretrain checkpoint")
+    task = PretrainTask.__new__(PretrainTask)  # no datasets needed: just the model recipe and tokenizer
+    Task.__init__(task, dataclasses.replace(pcfg, name=""), Dist(device=torch.device(device)))
+    task.load_state_dict(ckpt["task"])
+    model = task.build_model()
+    model.load_state_dict(ckpt["model"])
+    return model.to(device), task.tokenizer, pcfg
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -768,11 +808,17 @@ class Trainer:
         ckpt = load_checkpoint(resume_path) if resume_path else None
         if ckpt is not None:
             self.task.load_state_dict(ckpt.get("task", {}))
+        elif cfg.init_from:
+            self.task.init_checkpoint = load_checkpoint(cfg.init_from)
         # the same initial weights on every rank; then a per-rank stream for dropout / drop-path
         torch.manual_seed(cfg.seed)
-        self.model = self.task.build_model().to(d.device)
-        if cfg.init_from and ckpt is None:
-            self._init_from(cfg.init_from)
+        self.model = self.task.build_model()
+        if self.task.init_checkpoint is not None:
+            self.task.init_from(self.model, self.task.init_checkpoint, cfg.init_from)
+            self.task.init_checkpoint = None
+            if d.main:
+                tqdm.write(f"initialised from {cfg.init_from}")
+        self.model.to(d.device)
         self.wrapped = self._wrap(self.model)
         self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg.weight_decay), lr=cfg.lr,
                                            betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
@@ -794,19 +840,6 @@ class Trainer:
         if r == "auto":
             return self.ckpt_path if os.path.isfile(self.ckpt_path) else ""
         return r
-
-    def _init_from(self, path: str):
-        import coswin
-
-        sd = load_checkpoint(path)["model"]
-        own = self.model.state_dict()
-        check_compatible(own, sd, path, allow_resize=True)
-        for k, v in sd.items():
-            if k.endswith("relative_position_bias_table") and v.shape != own[k].shape:
-                sd[k] = coswin.resize_bias_table(v, (math.isqrt(own[k].shape[0]) + 1) // 2)
-        self.model.load_state_dict(sd)
-        if self.dist.main:
-            tqdm.write(f"initialised from {path} (bias tables resized where the window changed)")
 
     def _wrap(self, model: nn.Module) -> nn.Module:
         cfg, d = self.cfg, self.dist

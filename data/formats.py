@@ -52,9 +52,9 @@ WARN_LIMIT = 20
 def load_image(path: str, data: bytes | None = None) -> tuple[Image.Image | None, str | None]:
     """Open an image file (or its bytes) as RGB -> (image, None), or (None, why) if missing or undecodable."""
     try:
-        img = Image.open(io.BytesIO(data) if data is not None else path)
-        img.load()
-        return img.convert("RGB"), None
+        with Image.open(io.BytesIO(data) if data is not None else path) as img:  # closed even if decoding fails
+            img.load()
+            return img.convert("RGB"), None
     except FileNotFoundError:
         return None, f"skipping {path}: the image file does not exist; fix the path in the index or remove the row."
     except Exception as e:  # PIL raises UnidentifiedImageError, OSError (truncated), ValueError, SyntaxError...

@@ -69,6 +69,8 @@ def test_image_text_file_round_trip(tmp_path, shapes, fmt, monkeypatch):
             assert s["label"] == shapes[i]["label"]
         else:
             assert s["label"] == -1
+    spec = "?".join([f"csv:{path}", "&".join(f"{k}={v}" for k, v in kw.items())]) if kw else f"csv:{path}"
+    assert torch.equal(build_dataset(spec, split="val", img_size=S)[3]["image"], ds[3]["image"])
     # training transforms: random resized crop at the requested size, still normalised around 0
     x = ImageTextFile(path, img_size=24, split="train", **kw)[0]["image"]
     assert x.shape == (3, 24, 24) and -3 < float(x.mean()) < 3
@@ -89,8 +91,10 @@ def test_bad_images_and_empty_captions_are_skipped_and_counted(tmp_path, shapes)
         assert ds[1] is None
     with pytest.warns(UserWarning, match="corrupt.png: the image cannot be decoded"):
         assert ds[2] is None
-    with pytest.warns(UserWarning, match="truncated.png: the image cannot be decoded"):
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
         batch = collate_image_text([ds[i] for i in range(len(ds))])
+    assert len(w) == 3 and "truncated.png: the image cannot be decoded" in str(w[-1].message)
     assert batch["text"] == ["zero", "two", "three"] and batch["skipped"] == 3
     assert collate_image_text([None, None]) == {"skipped": 2}
     for workers in (0, 2):  # the count survives worker processes, and the epoch ends with a report
@@ -153,6 +157,8 @@ def test_tar_shards_round_trip(tmp_path, shapes):
     ref = shapes[5]["image"]
     assert (denormalize(out[5]["image"]) - denormalize(ref)).abs().mean() < 0.03
     assert ds.num_samples() == n
+    spec = build_dataset(f"shards:{tmp_path / 'shards'}", split="val", img_size=S)
+    assert [s["text"] for s in spec] == [s["text"] for s in out]
 
 
 @pytest.mark.parametrize("n_shards", [3, 8])  # fewer shards than readers (sample split) and more (shard split)
@@ -219,7 +225,6 @@ def test_bad_shard_samples_are_skipped_and_counted(tmp_path, shapes):
 
 def test_image_folder_prompts_and_labels(tmp_path, shapes):
     for i in range(6):
-        sc = shapes.scene(i)
         _save(shapes.image_uint8(i), tmp_path / ("red_circle" if i % 2 else "blue_square") / f"{i}.png")
     (tmp_path / "blue_square" / "notes.txt").write_text("not an image")
     ds = ImageFolder(str(tmp_path), img_size=S, split="val")

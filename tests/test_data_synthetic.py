@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from data.synthetic import (CLASSES, COLOURS, RGB, SHAPES, MovingShapes, ShapesDetection, ShapesText, ShapesVQA,
+from data.synthetic import (CLASSES, COLOURS, RGB, MovingShapes, ShapesDetection, ShapesText, ShapesVQA,
                             _alpha, _background, soft_target, vqa_score)
 
 ALL = [ShapesText, ShapesDetection, ShapesVQA, MovingShapes]

@@ -366,8 +366,9 @@ class TarShards(SkipCounter, IterableDataset):
         j = 0
         for shard in shards:
             for key, group in iter_tar_groups(shard):
-                if key is None:
-                    yield shard, None, group
+                if key is None:  # a broken shard: reported by one reader only
+                    if offset == 0:
+                        yield shard, None, group
                     continue
                 if j % stride == offset:
                     yield shard, key, group

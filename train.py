@@ -188,6 +188,15 @@ class Dist:
         return self.world > 1
 
 
+def _fsdp2():
+    """(fully_shard, FSDPModule): public in torch ≥ 2.6, under _composable before."""
+    try:
+        from torch.distributed.fsdp import FSDPModule, fully_shard
+    except ImportError:  # torch 2.4 / 2.5
+        from torch.distributed._composable.fsdp import FSDPModule, fully_shard
+    return fully_shard, FSDPModule
+
+
 def setup_distributed(cfg: Config) -> Dist:
     rank = int(os.environ.get("RANK", 0))
     world = int(os.environ.get("WORLD_SIZE", 1))
@@ -297,7 +306,8 @@ class Task:
     loss(model, batch, step) → (loss, logs)   model is the wrapped model: call model(...)
     forward_backward(model, batch, step, scale) → (loss, logs)   default: loss() then (loss·scale).backward()
     evaluate(model, step) → {metric: float}   model is the raw model, full parameters available
-    visualise(model, run_dir)            write a picture for people (e.g. predictions.png)
+    visualise(model, run_dir)            write a picture for people (e.g. predictions.png); called on
+                                         every rank (forwards are collective under FSDP), write on rank 0
     state_dict() / load_state_dict(sd)   task-owned state that must travel with checkpoints (a tokenizer)
     fsdp_wrap_classes() → set of module classes to shard as units
     init_from(model, ckpt, path)         --init_from: default = every weight, window tables resized;
@@ -569,6 +579,8 @@ class PretrainTask(Task):
             probs = (float(model.scale()) * u @ W).softmax(-1)
         finally:
             model.train(was)
+        if not self.dist.main:
+            return None
         n = min(16, len(images))
         tile, cols = 128, 4
         rows = math.ceil(n / cols)
@@ -848,15 +860,18 @@ class Trainer:
             if cfg.gradcache_chunk > 0:
                 raise SystemExit("train.py: --gradcache_chunk with --fsdp is not supported yet; use DDP with "
                                  "--gradcache_chunk, or --fsdp with --grad_ckpt")
-            from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-            from torch.distributed.fsdp.wrap import ModuleWrapPolicy
-
             if not dist.is_initialized():
                 raise SystemExit("train.py: --fsdp needs torchrun (torch.distributed); launch with "
                                  "torchrun --nproc_per_node=N train.py --fsdp")
-            wrapped = FSDP(model, auto_wrap_policy=ModuleWrapPolicy(self.task.fsdp_wrap_classes()),
-                           use_orig_params=True, sync_module_states=False,
-                           device_id=d.device if d.device.type == "cuda" else None)
+            # FSDP2 (per-parameter sharding, ZeRO-3): each transformer block is a unit, then the root.
+            # Works on CPU (gloo) and CUDA (NCCL); the model is changed in place.
+            fully_shard, _ = _fsdp2()
+            units = tuple(self.task.fsdp_wrap_classes())
+            for m in model.modules():
+                if units and isinstance(m, units):
+                    fully_shard(m)
+            fully_shard(model)
+            wrapped = model
         elif d.on:
             wrapped = nn.parallel.DistributedDataParallel(
                 model, device_ids=[d.device.index] if d.device.type == "cuda" else None)
@@ -917,16 +932,22 @@ class Trainer:
             with open(self.metrics_path, "a") as fh:
                 fh.write(json.dumps({"step": self.step, **record}) + "\n")
 
+    @contextlib.contextmanager
+    def _unsharded_root(self):
+        self.wrapped.unshard()
+        try:
+            yield
+        finally:
+            self.wrapped.reshard()
+
     def evaluate(self, final: bool = False):
         ctx = contextlib.nullcontext()
-        if self.cfg.fsdp:
-            from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-
-            ctx = FSDP.summon_full_params(self.wrapped, writeback=False)
+        if self.cfg.fsdp:  # evaluation calls encode_* directly: gather the root's own parameters first
+            ctx = self._unsharded_root()
         with ctx, torch.autocast(self.dist.device.type, dtype=self.amp_dtype or torch.float32,
                                  enabled=self.amp_dtype is not None):
             metrics = self.task.evaluate(self.model, self.step)
-            if final and self.dist.main:
+            if final:  # on every rank: under FSDP each forward is collective; the task writes on rank 0
                 self.task.visualise(self.model, self.run_dir)
         self.log({"event": "eval", **metrics})
         if self.dist.main:
@@ -968,7 +989,9 @@ class Trainer:
             self.skipped_samples += int(batch.pop("skipped", 0))
             last = m == cfg.accum_steps - 1
             sync_ctx = contextlib.nullcontext()
-            if hasattr(self.wrapped, "no_sync") and (not last or manual_sync):
+            if cfg.fsdp:
+                self.wrapped.set_requires_gradient_sync(last)  # FSDP2: reduce-scatter on the last micro-step
+            elif hasattr(self.wrapped, "no_sync") and (not last or manual_sync):
                 sync_ctx = self.wrapped.no_sync()
             with sync_ctx, torch.autocast(d.device.type, dtype=self.amp_dtype or torch.float32,
                                           enabled=self.amp_dtype is not None):
@@ -982,10 +1005,9 @@ class Trainer:
                     p.grad /= d.world
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
-        if cfg.fsdp:
-            gnorm = self.wrapped.clip_grad_norm_(cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-        else:
-            gnorm = nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        gnorm = nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        if hasattr(gnorm, "full_tensor"):  # FSDP2: a DTensor norm over the shards
+            gnorm = gnorm.full_tensor()
         loss = sum(losses) / len(losses)
         stop_flag = 1.0 if self.stop_requested else 0.0
         loss, gnorm_f, stop_flag = all_reduce_mean([loss, float(gnorm), stop_flag], d)

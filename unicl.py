@@ -280,7 +280,8 @@ class Florence(nn.Module):
         nn.init.normal_(self.image_proj.weight, std=image_encoder.num_features ** -0.5)  # CLIP's scale
         nn.init.normal_(self.text_proj.weight, std=text_encoder.num_features ** -0.5)
         self.max_logit_scale = math.log(max_scale)
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / init_temperature)))
+        # shape (1,), not 0-d: FSDP2's fully_shard cannot shard scalar parameters
+        self.logit_scale = nn.Parameter(torch.full((1,), math.log(1.0 / init_temperature)))
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:  # (B, 3, H, W) → u: (B, D), ‖u‖ = 1
         return F.normalize(self.image_proj(self.image_encoder(images)), dim=-1)
@@ -290,7 +291,7 @@ class Florence(nn.Module):
 
     def scale(self) -> torch.Tensor:
         """τ = exp(logit_scale) with the exponent clamped at log(100); 0-d, differentiable below it."""
-        return self.logit_scale.clamp(max=self.max_logit_scale).exp()
+        return self.logit_scale.clamp(max=self.max_logit_scale).exp().squeeze(0)
 
     @torch.no_grad()
     def clamp_logit_scale_(self) -> None:

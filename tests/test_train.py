@@ -236,11 +236,13 @@ def _run(cmd, cwd):
 
 
 @pytest.mark.slow
-def test_torchrun_two_processes_equal_one_process(tmp_path):
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_torchrun_two_processes_equal_one_process(tmp_path, mode):
+    """2 gloo processes (DDP, or FSDP2 sharding) with the same global batch = one process."""
     args = FAST + ["--max_steps", "4", "--eval_every", "100", "--out_dir", str(tmp_path)]
     _run([sys.executable, "train.py", *args, "--name", "one"], ROOT)
     _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py", *args,
-          "--name", "two"], ROOT)
+          "--name", "two"] + (["--fsdp"] if mode == "fsdp" else []), ROOT)
     one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert len(one) == len(two) == 4
     for a, b in zip(one, two):

@@ -96,6 +96,10 @@ class Config:
     name: str = ""  # run name; default: <task>-<preset>
     resume: str = ""  # "" (fresh) | auto (runs/<name>/ckpt.pt if present) | PATH
     progress: bool = True  # tqdm bar on rank 0
+    # --task video (video_coswin.py)
+    num_frames: int = 8  # frames per clip (MovingShapes and video:LABELS.csv)
+    temporal_kernel: int = 2  # K_t of the inflated tokenizer (= its temporal stride): T/K_t token frames
+    video_input: str = "clip"  # clip: Video CoSwin | middle_frame: the image CoSwin on the middle frame (baseline)
 
 
 MODEL_PRESETS = {
@@ -142,7 +146,8 @@ def parse_config(argv=None) -> Config:
         if bad:
             raise SystemExit(f"train.py: {args.config} has unknown field(s) {bad}; valid: {sorted(names)}")
     values.update({k: v for k, v in vars(args).items() if v is not None and k != "config"})
-    cfg = Config(**values)
+    task = TASKS.get(values.get("task", defaults.task))
+    cfg = Config(**{**getattr(task, "defaults", {}), **values})  # the task's defaults, then file, then flags
     validate_config(cfg)
     return cfg
 
@@ -312,10 +317,13 @@ class Task:
     fsdp_wrap_classes() → set of module classes to shard as units
     init_from(model, ckpt, path)         --init_from: default = every weight, window tables resized;
                                          adapters override it to take the towers of a pretraining run
+    defaults                             {field: value} used where neither --config nor a flag sets the
+                                         field (e.g. --task video's clip size and schedule)
     `self.init_checkpoint` holds the --init_from checkpoint (or None) while build_model() runs, so a
     task can read the tokenizer or config from it (see `build_pretrained`).
     """
     name = "base"
+    defaults: dict = {}
 
     def __init__(self, cfg: Config, d: Dist):
         self.cfg, self.dist = cfg, d
@@ -619,6 +627,166 @@ def build_pretrained(ckpt: dict | str, device="cpu"):
     model = task.build_model()
     model.load_state_dict(ckpt["model"])
     return model.to(device), task.tokenizer, pcfg
+
+
+# ----------------------------------------------------------------------------------------------------
+# --task video: Video CoSwin (paper §2.6), a CoSwin inflated 2D → 3D, with a classification head
+
+
+@register_task("video")
+class VideoTask(Task):
+    """Action classification on clips (MovingShapes, or video:LABELS.csv) with a Video CoSwin inflated from
+    the CoSwin of a `--task pretrain` checkpoint (`--init_from`), or built from scratch without one.
+    Metric: top-1 on held-out clips, `video_top1`. `--video_input middle_frame` trains the image CoSwin on
+    each clip's middle frame instead (metric `video_middle_frame_top1`): the baseline that shows what time adds.
+
+    Defaults (below): 32×32 clips of 8 frames, K_t = 2, so the toy model sees 4 × 8 × 8 tokens at stage 1
+    and the run fits in minutes on a laptop CPU."""
+
+    defaults = dict(img_size=32, batch_size=32, lr=1e-3, weight_decay=0.05, warmup_steps=20, max_steps=500,
+                    max_minutes=9.0, eval_every=100, eval_size=500, ckpt_every=100)
+    inputs = ("clip", "middle_frame")
+
+    def __init__(self, cfg: Config, d: Dist):
+        super().__init__(cfg, d)
+        import data as data_lib
+
+        if cfg.video_input not in self.inputs:
+            raise SystemExit(f"train.py: --video_input must be one of {self.inputs}, got {cfg.video_input!r}")
+        if cfg.video_input == "clip" and cfg.num_frames < cfg.temporal_kernel:
+            raise SystemExit(f"train.py: --num_frames {cfg.num_frames} is fewer than --temporal_kernel "
+                             f"{cfg.temporal_kernel}; sample more frames or lower the temporal kernel")
+        self.data_lib = data_lib
+        self._train = self._dataset(cfg.data, "train")
+        self._eval = None
+        self.classes = list(getattr(self._train, "classes", None) or [])
+        if not self.classes:
+            raise SystemExit(f"train.py: --data {cfg.data!r} has no class list; use synthetic or video:LABELS.csv")
+        self.metric = "video_top1" if cfg.video_input == "clip" else "video_middle_frame_top1"
+
+    def _dataset(self, spec: str, split: str, **kw):
+        try:
+            return self.data_lib.build_dataset(spec, split=split, img_size=self.cfg.img_size, task="video",
+                                               seed=self.cfg.seed, num_frames=self.cfg.num_frames, **kw)
+        except (ValueError, OSError) as e:
+            raise SystemExit(f"train.py: cannot build the video data {spec!r}: {e}") from None
+
+    def train_dataset(self):
+        return self._train
+
+    def eval_dataset(self):
+        if self._eval is None:
+            synthetic = self.cfg.eval_data.split(":")[0].split("?")[0].strip() == "synthetic"
+            if synthetic and not self.cfg.data.startswith("synthetic"):
+                raise SystemExit("train.py: --data is a video CSV but --eval_data is synthetic; give held-out clips "
+                                 "with --eval_data video:VAL.csv (same classes)")
+            ds = self._dataset(self.cfg.eval_data, "val", **({"length": self.cfg.eval_size} if synthetic else {}))
+            if list(getattr(ds, "classes", [])) != self.classes:
+                raise SystemExit(f"train.py: --eval_data {self.cfg.eval_data!r} has other classes than --data; "
+                                 "give both the same class list")
+            self._eval = ds
+        return self._eval
+
+    def collate(self, samples):
+        return self.data_lib.collate_video(samples)
+
+    # -- model -----------------------------------------------------------------------------------------
+    def build_model(self) -> nn.Module:
+        import coswin
+        import video_coswin
+
+        cfg, ckpt = self.cfg, self.init_checkpoint
+        if ckpt is not None and json.loads(ckpt.get("config", "{}")).get("task") == "pretrain":
+            florence, _, pcfg = build_pretrained(ckpt)
+            if pcfg.preset != cfg.preset:
+                raise SystemExit(f"train.py: --init_from holds a --preset {pcfg.preset} model; pass --preset "
+                                 f"{pcfg.preset} so that checkpoints of this run resume with the same shapes")
+            image = florence.image_encoder  # trained CoSwin: inflated below, every weight inherited
+            self.init_checkpoint = None  # taken here; nothing left for init_from()
+            if cfg.drop_path >= 0:  # the stochastic-depth schedule of this run, rising linearly over the blocks
+                blocks = [b for layer in image.layers for b in layer.blocks]
+                for b, p in zip(blocks, torch.linspace(0, cfg.drop_path, len(blocks)).tolist()):
+                    b.drop_path.p = p
+            encoder = (image if cfg.video_input == "middle_frame" else
+                       video_coswin.VideoCoSwin.from_image_model(image, cfg.temporal_kernel, copy_weights=False))
+        else:  # from scratch (or a --task video checkpoint, loaded by Task.init_from)
+            kw = {"window_size": cfg.window_size} if cfg.window_size else {}
+            if cfg.drop_path >= 0:
+                kw["drop_path_rate"] = cfg.drop_path
+            image_preset = MODEL_PRESETS[cfg.preset]["image"]
+            encoder = (coswin.build(image_preset, **kw) if cfg.video_input == "middle_frame" else
+                       video_coswin.build(image_preset, temporal_kernel=cfg.temporal_kernel, **kw))
+        encoder.set_grad_checkpointing(cfg.grad_ckpt)
+        return video_coswin.VideoClassifier(encoder, len(self.classes), middle_frame=cfg.video_input == "middle_frame")
+
+    def fsdp_wrap_classes(self):
+        import coswin
+        import video_coswin
+
+        return {coswin.SwinBlock, video_coswin.SwinBlock3D}
+
+    # -- loss ------------------------------------------------------------------------------------------
+    def loss(self, model, batch, step):
+        if "video" not in batch:  # every clip of this micro-batch was unreadable (counted under "skipped")
+            return sum(p.sum() for p in model.parameters()) * 0.0, {}
+        x = batch["video"].to(self.dist.device, non_blocking=True)
+        y = batch["label"].to(self.dist.device)
+        logits = model(x)
+        loss = nn.functional.cross_entropy(logits.float(), y)
+        return loss, {"train_top1": float((logits.argmax(-1) == y).float().mean())}
+
+    # -- evaluation ------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def predict(self, model, max_n: int | None = None):
+        """Held-out (probabilities (N, K), labels (N,), the first ≤ 8 clips (CPU))."""
+        loader = DataLoader(self.eval_dataset(), batch_size=64, shuffle=False, collate_fn=self.collate,
+                            num_workers=0, generator=torch.Generator())
+        probs, labels, clips = [], [], []
+        was = model.training
+        model.eval()
+        try:
+            for batch in loader:
+                if "video" not in batch:
+                    continue
+                probs.append(model(batch["video"].to(self.dist.device)).float().softmax(-1).cpu())
+                labels.append(batch["label"])
+                clips.append(batch["video"][:max(0, 8 - sum(len(c) for c in clips))])
+                if max_n and sum(len(p) for p in probs) >= max_n:
+                    break
+        finally:
+            model.train(was)
+        if not probs:
+            raise SystemExit(f"train.py: no readable held-out clip in --eval_data {self.cfg.eval_data!r}")
+        return torch.cat(probs), torch.cat(labels), torch.cat(clips)
+
+    def evaluate(self, model, step):
+        probs, labels, _ = self.predict(model, self.cfg.eval_size)
+        return {self.metric: float((probs.argmax(-1) == labels).float().mean())}
+
+    def visualise(self, model, run_dir):
+        """predictions.png: held-out clips, one per row, frames side by side, with the true and the predicted
+        action (green when right, red when wrong) and the prediction's probability."""
+        from data.transforms import denormalize
+
+        probs, labels, clips = self.predict(model, 8)
+        n, T = len(clips), clips.shape[2]
+        tile, label_h = 64, 18
+        canvas = Image.new("RGB", (T * tile + 8, n * (tile + label_h) + 4), "white")
+        draw, font = ImageDraw.Draw(canvas), _draw_font(12)
+        for i in range(n):
+            y0 = i * (tile + label_h) + 2
+            p, k = probs[i].max(-1)
+            right = int(k) == int(labels[i])
+            what = "middle frame only, " if self.cfg.video_input == "middle_frame" else ""
+            draw.text((4, y0), f"true: {self.classes[int(labels[i])]}   predicted ({what}{float(p):.0%}): "
+                      f"{self.classes[int(k)]}", fill=(0, 140, 0) if right else (200, 0, 0), font=font)
+            for t in range(T):
+                frame = (denormalize(clips[i][:, t]).clamp(0, 1) * 255).byte().permute(1, 2, 0).numpy()
+                canvas.paste(Image.fromarray(frame).resize((tile - 2, tile - 2), Image.NEAREST),
+                             (4 + t * tile, y0 + label_h))
+        path = os.path.join(run_dir, "predictions.png")
+        canvas.save(path)
+        return path
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -985,8 +1153,11 @@ class Trainer:
         manual_sync = d.on and not cfg.fsdp and cfg.gradcache_chunk > 0  # gradcache bypasses DDP's hooks
         losses, logs = [], {}
         for m in range(cfg.accum_steps):
-            batch = next(batches)
-            self.skipped_samples += int(batch.pop("skipped", 0))
+            while True:  # a batch whose every sample was bad comes as {"skipped": n}: count it, take the next
+                batch = next(batches)
+                self.skipped_samples += int(batch.pop("skipped", 0))
+                if batch:
+                    break
             last = m == cfg.accum_steps - 1
             sync_ctx = contextlib.nullcontext()
             if cfg.fsdp:

@@ -236,13 +236,15 @@ def _run(cmd, cwd):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+@pytest.mark.parametrize("mode", ["ddp", "fsdp", "ddp_gradcache"])
 def test_torchrun_two_processes_equal_one_process(tmp_path, mode):
-    """2 gloo processes (DDP, or FSDP2 sharding) with the same global batch = one process."""
+    """2 gloo processes (DDP, FSDP2 sharding, or DDP with the gradient cache and its manual gradient
+    all-reduce) with the same global batch = one plain process."""
+    extra = {"ddp": [], "fsdp": ["--fsdp"], "ddp_gradcache": ["--gradcache_chunk", "3"]}[mode]
     args = FAST + ["--max_steps", "4", "--eval_every", "100", "--out_dir", str(tmp_path)]
     _run([sys.executable, "train.py", *args, "--name", "one"], ROOT)
     _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py", *args,
-          "--name", "two"] + (["--fsdp"] if mode == "fsdp" else []), ROOT)
+          "--name", "two", *extra], ROOT)
     one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert len(one) == len(two) == 4
     for a, b in zip(one, two):

@@ -1,111 +1,313 @@
-"""Benchmarks: throughput (and peak memory on CUDA) of each component. Benchmarks measure; tests assert.
+"""Benchmarks: speed, memory and FLOPs of each component. Benchmarks measure; tests assert.
 
-    python bench.py coswin --preset tiny --img 224 --batch 8          # CPU: images/s, fwd and fwd+bwd
-    python bench.py coswin --preset base --img 224 --batch 64 --device cuda --amp bf16
+    python bench.py                                  # every component at its default size, CPU or GPU
+    python bench.py --only swin-t,coswin-t --batch 8  # a subset
+    python bench.py --device cuda --dtype bf16 --batch 64 --compile
+    python bench.py --only unicl-step --grad_ckpt    # what activation checkpointing costs and saves
 
-Each figure is the median over `--iters` timed iterations after `--warmup` untimed ones. Put the
-printed line, with the machine's name, in the README.
+For each component: forward (eval, no grad) and forward+backward (train) samples/s as the median over
+`--iters` timed runs after `--warmup` untimed ones (with the min–max spread), peak memory (CUDA max
+allocated; on CPU the process's peak RSS, reset before each component where Linux allows), FLOPs per
+sample counted by `torch.utils.flop_counter.FlopCounterMode`, and the achieved FLOP/s. On CPU the
+machine's own fp32 matmul FLOP/s is measured too and each row says what fraction of it the component
+reaches; on CUDA the fraction is MFU against `--peak_tflops` (H100/H200 dense bf16 by default).
+Prints a markdown table and writes the rows as JSON (`--out`).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
+import os
 import platform
 import statistics
 import time
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
+import torch.nn as nn
 
-
-def _sync(device: torch.device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def time_it(fn, device: torch.device, warmup: int, iters: int) -> float:
-    """Median seconds per call of fn()."""
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+# ----------------------------------------------------------------------------------------------------
+# Machine
 
 
 def machine_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     name = platform.processor() or platform.machine()
-    try:
+    with contextlib.suppress(OSError, StopIteration):
         with open("/proc/cpuinfo") as f:
             name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{name} CPU, {torch.get_num_threads()} threads"
+    return f"{name} CPU ×{torch.get_num_threads()} threads"
 
 
-def autocast(device: torch.device, amp: str):
-    if amp == "off":
-        return torch.autocast(device.type, enabled=False)
-    return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+# dense bf16 tensor-core peaks (TFLOP/s) used for MFU when --peak_tflops is not given
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
 
 
-def bench_coswin(args) -> dict:
-    import coswin
+def default_peak_tflops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
 
-    device = torch.device(args.device)
-    model = coswin.build(args.preset, embed=args.embed).to(device)
-    x = torch.randn(args.batch, 3, args.img, args.img, device=device)
-    result = {"component": f"coswin-{args.preset} ({args.embed})", "img": args.img, "batch": args.batch,
-              "amp": args.amp, "params_M": round(sum(p.numel() for p in model.parameters()) / 1e6, 2)}
 
-    model.eval()
+def sync(device: torch.device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
-    def fwd():
-        with torch.no_grad(), autocast(device, args.amp):
-            model(x)
 
-    result["fwd_img_s"] = round(args.batch / time_it(fwd, device, args.warmup, args.iters), 1)
+def matmul_flops(device: torch.device, dtype: torch.dtype, n: int = 2048, iters: int = 10) -> float:
+    """The machine's measured matmul FLOP/s for n×n @ n×n (the CPU's practical peak)."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    t = time_runs(lambda: a @ b, device, warmup=2, iters=iters)
+    return 2 * n ** 3 / statistics.median(t)
 
-    model.train()
 
-    def fwd_bwd():
-        with autocast(device, args.amp):
-            out = model(x)
-        out.float().square().mean().backward()
-        model.zero_grad(set_to_none=True)
+# ----------------------------------------------------------------------------------------------------
+# Measuring
 
+
+def time_runs(fn: Callable, device: torch.device, warmup: int, iters: int) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def reset_peak_memory(device: torch.device):
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    result["fwd_bwd_img_s"] = round(args.batch / time_it(fwd_bwd, device, args.warmup, args.iters), 1)
+    else:  # Linux: writing 5 to clear_refs resets VmHWM (peak RSS) of this process
+        with contextlib.suppress(OSError):
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+
+
+def peak_memory_gib(device: torch.device) -> float | None:
     if device.type == "cuda":
-        result["peak_mem_GiB"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
-    return result
+        return torch.cuda.max_memory_allocated(device) / 2 ** 30
+    with contextlib.suppress(OSError, StopIteration):
+        with open("/proc/self/status") as f:
+            kb = next(int(line.split()[1]) for line in f if line.startswith("VmHWM"))
+        return kb / 2 ** 20
+    return None
 
 
-BENCHES = {"coswin": bench_coswin}
+def count_flops(fn: Callable) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return float(counter.get_total_flops())
 
 
-def main(argv=None):
+# ----------------------------------------------------------------------------------------------------
+# Components: each gives a model and a way to run it on a batch
+
+
+@dataclass
+class Component:
+    name: str
+    build: Callable[[argparse.Namespace], tuple[nn.Module, Callable, Callable]]
+    # build(args) → (model, forward(model) → output, loss(output) → scalar)
+
+
+def _images(args, size=None):
+    s = size or args.img_size
+    return torch.randn(args.batch, 3, s, s, device=args.device)
+
+
+def _coswin(preset: str, embed: str):
+    def build(args):
+        import coswin
+
+        model = coswin.build(preset, embed=embed, grad_checkpointing=args.grad_ckpt)
+        x = _images(args)
+        return model, (lambda m: m(x)), (lambda out: out.float().square().mean())
+    return build
+
+
+def _text(preset: str):
+    def build(args):
+        import text_encoder
+
+        model = text_encoder.build(preset, grad_checkpointing=args.grad_ckpt)
+        L = model.cfg.context_length
+        tokens = torch.randint(4, model.cfg.vocab_size, (args.batch, L), device=args.device)
+        tokens[:, L // 2] = model.cfg.eot_id
+        tokens[:, L // 2 + 1:] = model.cfg.pad_id
+        return model, (lambda m: m(tokens)), (lambda out: out.float().square().mean())
+    return build
+
+
+def _unicl_step(image_preset: str, text_preset: str, embed_dim: int):
+    """A full UniCL training step's model work: both towers, projections, the contrastive loss."""
+    def build(args):
+        import coswin
+        import text_encoder
+        import unicl
+
+        model = unicl.Florence(coswin.build(image_preset, grad_checkpointing=args.grad_ckpt),
+                               text_encoder.build(text_preset, grad_checkpointing=args.grad_ckpt), embed_dim)
+        x = _images(args)
+        L = model.text_encoder.cfg.context_length
+        tokens = torch.randint(4, model.text_encoder.cfg.vocab_size, (args.batch, L), device=args.device)
+        tokens[:, L // 2] = model.text_encoder.cfg.eot_id
+        tokens[:, L // 2 + 1:] = model.text_encoder.cfg.pad_id
+        keys = torch.arange(args.batch, device=args.device)
+        return model, (lambda m: m(x, tokens)), (lambda out: unicl.unicl_loss(*out[:2], keys, out[2]))
+    return build
+
+
+COMPONENTS = {
+    "coswin-toy": Component("coswin-toy", _coswin("toy", "conv")),
+    "swin-t": Component("swin-t", _coswin("tiny", "patch")),
+    "coswin-t": Component("coswin-t", _coswin("tiny", "conv")),
+    "coswin-b": Component("coswin-b", _coswin("base", "conv")),
+    "text-clip_base": Component("text-clip_base", _text("clip_base")),
+    "unicl-step": Component("unicl-step", _unicl_step("tiny", "clip_base", 512)),
+}
+DEFAULT = ["swin-t", "coswin-t", "text-clip_base", "unicl-step"]
+
+
+def register(name: str, build, default: bool = True):
+    """Adapters add their components here (DynamicHead, METER, VideoCoSwin) as they land."""
+    COMPONENTS[name] = Component(name, build)
+    if default:
+        DEFAULT.append(name)
+
+
+def _maybe_register_adapters():
+    """Adapters benchmark themselves through a `bench_component(args)` function, when their file exists."""
+    for module, name in (("video_coswin", "video-coswin-t"), ("dynamic_head", "dynamic-head"), ("meter", "meter")):
+        try:
+            mod = __import__(module)
+        except ImportError:
+            continue
+        if hasattr(mod, "bench_component") and name not in COMPONENTS:
+            register(name, mod.bench_component)
+
+
+# ----------------------------------------------------------------------------------------------------
+# One component
+
+
+def bench_component(comp: Component, args) -> dict:
+    device = torch.device(args.device)
+    amp = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+
+    def autocast():
+        return torch.autocast(device.type, dtype=amp) if amp is not None else contextlib.nullcontext()
+
+    model, forward, loss_of = comp.build(args)
+    model = model.to(device)
+    runner = torch.compile(model) if args.compile else model
+    params = sum(p.numel() for p in model.parameters())
+
+    def fwd():
+        with torch.no_grad(), autocast():
+            forward(runner)
+
+    def fwd_bwd():
+        with autocast():
+            out = forward(runner)
+        loss_of(out).backward()
+        for p in model.parameters():
+            p.grad = None
+
+    row = {"component": comp.name, "device": args.device, "dtype": args.dtype, "batch": args.batch,
+           "img_size": args.img_size, "compile": args.compile, "grad_ckpt": args.grad_ckpt,
+           "params_M": round(params / 1e6, 2)}
+    model.eval()
+    row["flops_fwd"] = count_flops(fwd) / args.batch
+    reset_peak_memory(device)
+    t = time_runs(fwd, device, args.warmup, args.iters)
+    row["fwd_samples_s"] = args.batch / statistics.median(t)
+    row["fwd_spread"] = [args.batch / max(t), args.batch / min(t)]
+    row["fwd_peak_GiB"] = peak_memory_gib(device)
+    model.train()
+    row["flops_train"] = count_flops(fwd_bwd) / args.batch
+    reset_peak_memory(device)
+    t = time_runs(fwd_bwd, device, args.warmup, args.iters)
+    row["train_samples_s"] = args.batch / statistics.median(t)
+    row["train_spread"] = [args.batch / max(t), args.batch / min(t)]
+    row["train_peak_GiB"] = peak_memory_gib(device)
+    row["train_flop_s"] = row["flops_train"] * row["train_samples_s"]
+    row["fwd_flop_s"] = row["flops_fwd"] * row["fwd_samples_s"]
+    return row
+
+
+def markdown(rows: list[dict], peak: float | None, peak_label: str) -> str:
+    head = ("| component | device | dtype | batch | img | params | fwd samples/s | train samples/s (min–max) | "
+            f"GFLOP/sample (train) | train TFLOP/s | {peak_label} | peak mem (train) |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        frac = f"{r['train_flop_s'] / peak:.0%}" if peak else "—"
+        mem = f"{r['train_peak_GiB']:.2f} GiB" if r.get("train_peak_GiB") is not None else "—"
+        lines.append(f"| {r['component']} | {r['device']} | {r['dtype']} | {r['batch']} | {r['img_size']} | "
+                     f"{r['params_M']}M | {r['fwd_samples_s']:.1f} | {r['train_samples_s']:.1f} "
+                     f"({r['train_spread'][0]:.1f}–{r['train_spread'][1]:.1f}) | {r['flops_train'] / 1e9:.2f} | "
+                     f"{r['train_flop_s'] / 1e12:.3f} | {frac} | {mem} |")
+    return "\n".join(lines)
+
+
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=sorted(BENCHES))
-    p.add_argument("--preset", default="tiny")
-    p.add_argument("--embed", default="conv", choices=["conv", "patch"])
-    p.add_argument("--img", type=int, default=224)
-    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--only", default="", help=f"comma list of components (default: {','.join(DEFAULT)}); "
+                                              f"all: {','.join(COMPONENTS)}")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--amp", default="off", choices=["off", "bf16", "fp16"])
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="autocast dtype")
+    p.add_argument("--batch", type=int, default=0, help="default: 8 on CPU, 64 on CUDA")
+    p.add_argument("--img_size", type=int, default=224)
+    p.add_argument("--compile", action="store_true")
+    p.add_argument("--grad_ckpt", action="store_true")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--peak_tflops", type=float, default=0.0, help="CUDA peak for MFU (default: by card name)")
+    p.add_argument("--out", default="bench.json", help="JSON file for the rows ('' to skip)")
     args = p.parse_args(argv)
-    result = BENCHES[args.what](args)
-    result["machine"] = machine_name(torch.device(args.device))
-    result["torch"] = torch.__version__
-    print(" ".join(f"{k}={v}" for k, v in result.items()))
-    return result
+    if not args.batch:
+        args.batch = 64 if args.device.startswith("cuda") else 8
+    return args
+
+
+def main(argv=None) -> list[dict]:
+    _maybe_register_adapters()
+    args = parse_args(argv)
+    names = [n.strip() for n in args.only.split(",") if n.strip()] or DEFAULT
+    unknown = [n for n in names if n not in COMPONENTS]
+    if unknown:
+        raise SystemExit(f"bench.py: unknown component(s) {unknown}; choose from {sorted(COMPONENTS)}")
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    if device.type == "cuda":
+        peak = (args.peak_tflops or default_peak_tflops(device) or 0) * 1e12 or None
+        label = "MFU"
+    else:
+        peak = matmul_flops(device, torch.float32)
+        label = "of matmul peak"
+    rows = []
+    for n in names:
+        rows.append(bench_component(COMPONENTS[n], args))
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    machine = machine_name(device)
+    print(f"machine: {machine}, torch {torch.__version__}" + (f", measured fp32 matmul peak "
+                                                               f"{peak / 1e12:.3f} TFLOP/s" if device.type != "cuda" and peak else ""))
+    print(markdown(rows, peak, label))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"machine": machine, "torch": torch.__version__, "peak_flop_s": peak, "rows": rows}, f, indent=1)
+    return rows
 
 
 if __name__ == "__main__":

@@ -86,6 +86,13 @@ class Config:
     compile: bool = False  # torch.compile the model
     workers: int = 0  # DataLoader worker processes per rank
     seed: int = 0
+    # --task detect: object-level adapter, Dynamic Head + ATSS (issue 7, dynamic_head.py)
+    det_head: str = "toy"  # DynamicHead preset: toy (CPU: narrow, few blocks) | paper (6 blocks × 256, P3–P7)
+    det_channels: int = 0  # > 0: the pyramid / DyHead width instead of the preset's
+    det_blocks: int = 0  # > 0: the number of DyHead blocks instead of the preset's
+    det_classifier: str = "text"  # text: region · class-name embeddings (zero-shot capable) | fixed: a logit per class
+    zero_shot_classes: str = ""  # comma-separated class names left out of detection training, evaluated zero-shot
+    det_classes: str = ""  # comma-separated names (any words) to detect in predictions.png; default: all classes
     # evaluation, logging, checkpoints
     eval_every: int = 250
     eval_size: int = 1000  # held-out samples for evaluation (synthetic / capped for files)

@@ -614,6 +614,285 @@ class PretrainTask(Task):
         return path
 
 
+# ----------------------------------------------------------------------------------------------------
+# --task detect: Florence's object-level adapter (issue 7; dynamic_head.py)
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The raw module under torch.compile / DDP / FSDP wrappers."""
+    while True:
+        if hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif isinstance(model, nn.parallel.DistributedDataParallel) or type(model).__name__ == "FullyShardedDataParallel":
+            model = model.module
+        else:
+            return model
+
+
+def _split_names(text: str) -> list[str]:
+    return [n.strip() for n in text.split(",") if n.strip()]
+
+
+@register_task("detect")
+class DetectTask(Task):
+    """Object detection with the object-level adapter (paper §2.4, dynamic_head.py): the pretrained CoSwin
+    → FeaturePyramid → DynamicHead → ATSS head whose classes are text-aligned (region features · class-name
+    embeddings from the frozen pretrained text tower), trained on ShapesDetection or COCO JSON.
+
+        python train.py --name pretrain-toy                                          # once: the two towers
+        python train.py --task detect --init_from runs/pretrain-toy/ckpt.pt          # DyHead-ATSS on them
+        python train.py --task detect --init_from runs/pretrain-toy/ckpt.pt --zero_shot_classes "red cross,blue circle"
+
+    Without --init_from the towers start fresh from --preset (no zero-shot meaning then). Metrics on the
+    held-out split, COCO rules: det_map (AP .50:.95) and det_map50 over the training classes. With
+    --zero_shot_classes those classes are removed from training (their objects are unlabelled background,
+    as in open-vocabulary detection) and evaluated from their names alone with a vocabulary of just those
+    names (zero-shot transfer): det_zs_map, det_zs_map50. Boxes are clipped to the image; empty, reversed
+    or non-finite boxes and unknown labels are dropped and counted (bad_boxes in the training log).
+    predictions.png: held-out images, ground truth in grey, detections with names and scores."""
+
+    metrics = ("det_map", "det_map50")
+
+    def __init__(self, cfg: Config, d: Dist):
+        super().__init__(cfg, d)
+        import data as data_lib
+
+        self.data_lib = data_lib
+        self._train = data_lib.build_dataset(cfg.data, split="train", img_size=cfg.img_size, task="detect", seed=cfg.seed)
+        self._eval = None
+        self.classes = list(getattr(self._train, "classes", None) or [])
+        if not self.classes:
+            raise SystemExit(f"train.py: --data {cfg.data!r} has no class names; --task detect needs a detection set "
+                             "(synthetic or coco:INSTANCES.json)")
+        self.zero_shot = _split_names(cfg.zero_shot_classes)
+        unknown = [n for n in self.zero_shot if n not in self.classes]
+        if unknown:
+            raise SystemExit(f"train.py: --zero_shot_classes {unknown} are not classes of --data {cfg.data!r}; "
+                             f"choose among {self.classes}")
+        self.seen = [c for c in self.classes if c not in self.zero_shot]
+        if not self.seen:
+            raise SystemExit("train.py: --zero_shot_classes holds every class; leave some to train on")
+        if self.zero_shot and cfg.det_classifier != "text":
+            raise SystemExit("train.py: --zero_shot_classes needs --det_classifier text (fixed classes cannot be named)")
+        if cfg.det_classifier not in ("text", "fixed"):
+            raise SystemExit(f"train.py: --det_classifier must be text or fixed, got {cfg.det_classifier!r}")
+        # dataset label → index among the seen (training) classes, and among the zero-shot classes; −1 elsewhere
+        self.to_seen = torch.tensor([self.seen.index(c) if c in self.seen else -1 for c in self.classes])
+        self.to_zs = torch.tensor([self.zero_shot.index(c) if c in self.zero_shot else -1 for c in self.classes])
+        self.tokenizer = None
+        self.pretrain_config = None  # the recipe of the towers (a --task pretrain Config)
+        self.bad_boxes = 0
+
+    # -- data ------------------------------------------------------------------------------------------
+    def train_dataset(self):
+        return self._train
+
+    def eval_dataset(self):
+        if self._eval is None:
+            kind = self.cfg.eval_data.split(":")[0].strip()
+            if kind == "synthetic" and not self.cfg.data.startswith("synthetic"):
+                raise SystemExit(f"train.py: --data {self.cfg.data!r} needs a held-out set of the same classes; give "
+                                 "--eval_data coco:VAL_INSTANCES.json")
+            kw = {"length": self.cfg.eval_size} if kind == "synthetic" else {}
+            self._eval = self.data_lib.build_dataset(self.cfg.eval_data, split="val", img_size=self.cfg.img_size,
+                                                     task="detect", seed=self.cfg.seed, **kw)
+            classes = list(getattr(self._eval, "classes", None) or [])
+            if classes != self.classes:
+                raise SystemExit(f"train.py: --eval_data {self.cfg.eval_data!r} has other classes than --data "
+                                 f"({classes[:5]}… vs {self.classes[:5]}…); evaluate on a split of the same set")
+        return self._eval
+
+    def collate(self, samples):
+        return self.data_lib.collate_detection(samples)
+
+    def targets(self, raw: list[dict], size, to: torch.Tensor, count: bool) -> list[dict]:
+        """Dataset targets → {"boxes", "labels" (indices into a vocabulary via `to`), "iscrowd"}; boxes clipped,
+        bad rows dropped (and counted when `count`), classes outside the vocabulary dropped."""
+        import dynamic_head as dh
+
+        out = []
+        for t in raw:
+            boxes, ok = dh.clean_boxes(t["boxes"], size[0], size[1])
+            labels = t["labels"].reshape(-1).long()
+            ok &= (labels >= 0) & (labels < len(self.classes))
+            if count:
+                self.bad_boxes += int((~ok).sum())
+            lab = torch.where(ok, to[labels.clamp(0, len(self.classes) - 1)], torch.full_like(labels, -1))
+            keep = lab >= 0
+            crowd = t.get("iscrowd")
+            crowd = torch.zeros_like(labels) if crowd is None else crowd.reshape(-1).long()
+            out.append({"boxes": boxes[keep], "labels": lab[keep], "iscrowd": crowd[keep]})
+        return out
+
+    # -- model -----------------------------------------------------------------------------------------
+    def _towers(self):
+        """→ a Florence model (towers + projections): from --init_from, from the saved recipe (resume), or fresh."""
+        if self.init_checkpoint is not None:
+            florence, self.tokenizer, self.pretrain_config = build_pretrained(self.init_checkpoint)
+            return florence
+        if self.pretrain_config is None:  # fresh towers from --preset; a tokenizer learned on the class prompts
+            import unicl
+            from text_encoder import Tokenizer
+
+            self.pretrain_config = dataclasses.replace(self.cfg, task="pretrain")
+            prompts = [t.format(c) for c in self.classes + _split_names(self.cfg.det_classes) for t in unicl.TEMPLATES]
+            self.tokenizer = Tokenizer.train(prompts, self.cfg.vocab_size)
+        task = PretrainTask.__new__(PretrainTask)  # the pretraining recipe, without its datasets
+        Task.__init__(task, dataclasses.replace(self.pretrain_config, name=""), Dist(device=torch.device("cpu")))
+        task.tokenizer = self.tokenizer
+        return task.build_model()
+
+    def build_model(self) -> nn.Module:
+        import dynamic_head as dh
+
+        over = {k: v for k, v in (("channels", self.cfg.det_channels), ("num_blocks", self.cfg.det_blocks)) if v > 0}
+        try:
+            det_cfg = dh.build_config(self.cfg.det_head, **over)
+        except ValueError as e:
+            raise SystemExit(f"train.py: --det_head: {e}") from None
+        florence = self._towers()
+        self.context_length = florence.text_encoder.cfg.context_length
+        if self.cfg.det_classifier == "fixed":
+            return dh.Detector(florence.image_encoder, det_cfg, num_classes=len(self.seen))
+        model = dh.Detector(florence.image_encoder, det_cfg, text=dh.TextTower(florence.text_encoder, florence.text_proj))
+        model.set_classes(self.embed_names(model, self.seen))
+        return model
+
+    def init_from(self, model, ckpt, path):
+        pass  # build_model already took the towers (and tokenizer) of the --init_from pretraining run
+
+    def embed_names(self, model, names: list[str]) -> torch.Tensor:
+        """Class names → (K, D) unit text embeddings (prompt-template average, as UniCL's zero-shot classifier)."""
+        import unicl
+
+        for n in names:
+            if not n.strip() or not self.tokenizer.encode(n):
+                raise SystemExit(f"train.py: class name {n!r} maps to no tokens; give a name made of words")
+        return unicl.zero_shot_classifier(_unwrap(model).text, self.tokenizer, names,
+                                          context_length=self.context_length).T.contiguous()
+
+    def fsdp_wrap_classes(self):
+        import coswin
+        import dynamic_head as dh
+
+        return {coswin.SwinBlock, dh.DyHeadBlock}
+
+    def state_dict(self):
+        return {"tokenizer_merges": [list(m) for m in self.tokenizer.merges],
+                "pretrain_config": json.dumps(dataclasses.asdict(self.pretrain_config))}
+
+    def load_state_dict(self, sd):
+        from text_encoder import Tokenizer
+
+        if "tokenizer_merges" in sd:
+            self.tokenizer = Tokenizer([tuple(m) for m in sd["tokenizer_merges"]])
+        if "pretrain_config" in sd:
+            self.pretrain_config = Config(**json.loads(sd["pretrain_config"]))
+
+    # -- loss ------------------------------------------------------------------------------------------
+    def loss(self, model, batch, step):
+        images = batch["image"].to(self.dist.device, non_blocking=True)
+        targets = self.targets(batch["targets"], images.shape[-2:], self.to_seen, count=True)
+        out = model(images)
+        loss, logs = _unwrap(model).loss(out, targets, images.shape[-2:])
+        return loss, {**logs, "bad_boxes": self.bad_boxes}
+
+    # -- evaluation ------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def detect_eval(self, model, names: list[str] | None, max_images: int | None = None):
+        """→ (predictions per vocabulary, raw targets, images): one forward over the held-out set with the
+        seen names and (if any) the zero-shot names, split by vocabulary afterwards (sigmoid scores of a
+        class do not depend on the other names, so this equals separate runs)."""
+        raw = _unwrap(model)
+        groups = [self.seen, self.zero_shot] if names is None else [names]
+        groups = [g for g in groups if g]
+        embed = self.embed_names(raw, [n for g in groups for n in g]) if raw.text is not None else None
+        loader = DataLoader(self.eval_dataset(), batch_size=32, shuffle=False, collate_fn=self.collate,
+                            num_workers=0, generator=torch.Generator())
+        preds, targets, images = [[] for _ in groups], [], []
+        for batch in loader:
+            if "image" not in batch:
+                continue
+            x = batch["image"].to(self.dist.device)
+            out = raw(x, embed)
+            start = 0
+            for g, group in enumerate(groups):
+                part = dict(out, cls=out["cls"][..., start:start + len(group)])
+                preds[g] += [{k: v.cpu() for k, v in p.items()} for p in raw.postprocess(part, x.shape[-2:])]
+                start += len(group)
+            targets += batch["targets"]
+            images.append(batch["image"])
+            if max_images and len(targets) >= max_images:
+                break
+        return preds, targets, torch.cat(images)[:max_images]
+
+    @torch.no_grad()
+    def evaluate(self, model, step):
+        import dynamic_head as dh
+
+        was = model.training
+        model.eval()
+        try:
+            preds, raw_targets, images = self.detect_eval(model, None)
+        finally:
+            model.train(was)
+        size = images.shape[-2:]
+        out = {}
+        for key, group, to, p in (("det", self.seen, self.to_seen, preds[0]),
+                                  ("det_zs", self.zero_shot, self.to_zs, preds[1] if len(preds) > 1 else None)):
+            if not group:
+                continue
+            ap = dh.coco_map(p, self.targets(raw_targets, size, to, count=False))
+            for name, value in ((f"{key}_map", ap["AP"]), (f"{key}_map50", ap["AP50"])):
+                if value >= 0:  # −1: no ground truth of these classes in the held-out set
+                    out[name] = value
+        return out
+
+    @torch.no_grad()
+    def visualise(self, model, run_dir):
+        """predictions.png: 12 held-out images, ground truth in grey, detections (score ≥ 0.3) with names."""
+        from data.transforms import denormalize
+
+        custom = _split_names(self.cfg.det_classes)
+        if custom and _unwrap(model).text is None:
+            custom = []  # fixed classes cannot take new names
+        was = model.training
+        model.eval()
+        try:
+            preds, raw_targets, images = self.detect_eval(model, custom or None, max_images=12)
+        finally:
+            model.train(was)
+        names = custom or (self.seen + self.zero_shot)
+        offsets = [0] if custom else [0, len(self.seen)]
+        merged = [{k: torch.cat([dict(p[i], labels=p[i]["labels"] + off)[k] for p, off in zip(preds, offsets)])
+                   for k in ("boxes", "scores", "labels")} for i in range(len(images))]  # vocabularies side by side
+        n, tile, cols = len(images), 256, 4
+        scale = tile / images.shape[-1]
+        rows = math.ceil(n / cols)
+        canvas = Image.new("RGB", (cols * tile, rows * tile), "white")
+        draw, font = ImageDraw.Draw(canvas), _draw_font(11)
+        palette = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240),
+                   (240, 50, 230), (210, 245, 60), (0, 128, 128), (170, 110, 40)]
+        for i in range(n):
+            x0, y0 = (i % cols) * tile, (i // cols) * tile
+            img = (denormalize(images[i]).clamp(0, 1) * 255).byte().permute(1, 2, 0).numpy()
+            canvas.paste(Image.fromarray(img).resize((tile, tile), Image.NEAREST), (x0, y0))
+            for b in raw_targets[i]["boxes"].tolist():
+                draw.rectangle([x0 + b[0] * scale, y0 + b[1] * scale, x0 + b[2] * scale, y0 + b[3] * scale],
+                               outline=(160, 160, 160))
+            p = merged[i]
+            for b, s, k in zip(p["boxes"].tolist(), p["scores"].tolist(), p["labels"].tolist()):
+                if s < 0.3:
+                    continue
+                colour = palette[k % len(palette)]
+                draw.rectangle([x0 + b[0] * scale, y0 + b[1] * scale, x0 + b[2] * scale, y0 + b[3] * scale],
+                               outline=colour, width=2)
+                draw.text((x0 + b[0] * scale + 2, y0 + b[1] * scale + 1), f"{names[k]} {s:.2f}", fill=colour, font=font)
+        path = os.path.join(run_dir, "predictions.png")
+        canvas.save(path)
+        return path
+
+
 def build_pretrained(ckpt: dict | str, device="cpu"):
     """A `--task pretrain` checkpoint (dict or path) → (Florence model with its weights, Tokenizer, Config).
 

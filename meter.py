@@ -1,0 +1,351 @@
+"""METER: Florence's fine-grained vision–language adapter (co-attention fusion, ITM / MLM / VQA heads).
+
+Paper: Florence (arXiv 2111.11432) §2.5, which follows METER (Dou et al., arXiv 2111.02387) with CoSwin
+as the image encoder and a bidirectional (RoBERTa-like) text encoder. Both encoders are the pretrained
+towers of Florence (coswin.CoSwin, text_encoder.TextEncoder with causal=False); only their public
+methods are called (`forward_features`, `forward_tokens`).
+
+    image x ─► CoSwin.forward_features ─► tokens of the chosen stages (B, N, C_i) ─► LN, W_v ─┐
+    text t  ─► TextEncoder.forward_tokens (bidirectional, padding mask) (B, L, C) ─► W_t ─────┤
+                                                                + modality-type embeddings ──┘
+    co-attention layer k = 1..K, both streams from layer k−1's outputs (METER's "co-attention"):
+        x_k = CoAttn_text(x_{k−1}, y_{k−1}),   y_k = CoAttn_image(y_{k−1}, x_{k−1})
+        CoAttn(a, b):  a = LN(a + SelfAttn(a, a));  a = LN(a + CrossAttn(q = a, k = v = b));
+                       a = LN(a + FFN(a))                                     (post-LN, as BERT / METER)
+    poolers: h_text = tanh(W_p x_K[0]) (the <sot> token, BERT's [CLS]); h_image = tanh(W_p' mean_j y_K[j])
+    h = [h_text; h_image]  (2·hidden; METER: 1536 at hidden 768)
+
+Heads and objectives (METER §3 / its `objectives.py`):
+  ITM  h → Linear → 2 logits; half the batch gets another row's image (a negative unless that row has the
+       same caption), cross-entropy.
+  MLM  15 % of the real text tokens (not <sot>, <eot>, <pad>) are chosen; of those 80 % become <mask>, 10 %
+       a random token, 10 % stay; text states → Linear, GELU, LN, Linear → vocabulary; cross-entropy on
+       the chosen positions only.
+  VQA  h → Linear(2H, 2H), LN, GELU, Linear(2H, A) → logits z; soft targets s ∈ {0, .3, .6, .9, 1}
+       (`data.vqa_score`: an answer given by k of 10 annotators scores min(1, k/3) rounded);
+       L = (1/B) Σ_b Σ_a BCE(σ(z_ba), s_ba); metric = mean_b s_{b, argmax_a z_ba}.
+Paper size: 6 layers per modality, hidden 768, 12 heads, FFN 3072 (PRESETS["florence"]); the CPU toy
+preset is 2 layers × 192.
+
+Followed for semantics (read, then written anew): zdou0830/METER meter/modules/meter_module.py
+(type embeddings, parallel co-attention update, poolers with image-token averaging for Swin backbones,
+VQA classifier), meter/modules/bert_model.py `BertCrossLayer` (self → cross → FFN, post-LN),
+meter/modules/heads.py (Pooler, ITMHead, MLMHead), meter/modules/objectives.py (`compute_vqa`:
+BCE × number of answers, `compute_mlm`, `compute_itm`); huggingface/transformers
+data/data_collator.py `DataCollatorForLanguageModeling.torch_mask_tokens` (80/10/10 masking).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from einops import rearrange
+
+from data.synthetic import soft_target, vqa_score  # the VQA soft scores live with the data; re-exported here
+
+__all__ = ["METERConfig", "PRESETS", "build", "METER", "CoAttentionLayer", "Attention", "mask_tokens",
+           "itm_pairs", "itm_loss", "mlm_loss", "vqa_loss", "vqa_metric", "vqa_score", "soft_target",
+           "count_fusion_params"]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Config and presets
+
+
+@dataclass
+class METERConfig:
+    hidden: int = 768  # width of both fusion streams (METER: 768)
+    layers: int = 6  # co-attention layers per modality (METER: 6)
+    heads: int = 12
+    mlp_ratio: float = 4.0  # FFN 3072 at hidden 768
+    dropout: float = 0.1  # attention / residual dropout (BERT's 0.1)
+    image_levels: tuple = (-1,)  # CoSwin stages whose tokens enter the fusion; -1 = the last (METER)
+    cross_attention: bool = True  # False: each stream sees only itself (an ablation; tests use it)
+    num_answers: int = 0  # > 0: a VQA head over this many answers
+    vocab_size: int = 0  # MLM head size; 0 = the text encoder's vocabulary
+
+
+# Fusion parameters per layer and modality: self-attention 4H² + 4H, cross-attention 4H² + 4H,
+# FFN 2·r·H² + (r + 1)·H, three LayerNorms 6H. At H = 768, r = 4: 9,451,776 per stream-layer, so the
+# paper's 6 × 2 stream-layers are 113.4M (count_fusion_params; tests check it on the meta device).
+PRESETS: dict[str, METERConfig] = {
+    "toy": METERConfig(hidden=192, layers=2, heads=4, dropout=0.0, image_levels=(2, 3)),  # CPU minutes
+    "base": METERConfig(hidden=768, layers=6, heads=12),
+    "florence": METERConfig(hidden=768, layers=6, heads=12),  # paper §2.5
+}
+
+
+def config(name: str, **overrides) -> METERConfig:
+    if name not in PRESETS:
+        raise ValueError(f"unknown METER preset {name!r}; choose one of {sorted(PRESETS)}")
+    fields = {f.name for f in dataclasses.fields(METERConfig)}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise ValueError(f"unknown METERConfig field(s) {unknown}; the fields are {sorted(fields)}")
+    return dataclasses.replace(PRESETS[name], **overrides)
+
+
+def build(name: str, image_encoder: nn.Module, text_encoder: nn.Module, **overrides) -> "METER":
+    """`build("toy", coswin_model, bidirectional_text_encoder, num_answers=18)`."""
+    return METER(image_encoder, text_encoder, **dataclasses.asdict(config(name, **overrides)))
+
+
+# ----------------------------------------------------------------------------------------------------
+# The co-attention layer
+
+
+class Attention(nn.Module):
+    """Multi-head attention, queries from `x`, keys and values from `context` (= x for self-attention).
+
+    x: (B, Lq, H), context: (B, Lk, H), key_mask: (B, Lk) bool, True where a key may be attended to."""
+
+    def __init__(self, hidden: int, heads: int, dropout: float):
+        super().__init__()
+        if hidden % heads:
+            raise ValueError(f"METER hidden size {hidden} is not divisible by heads {heads}")
+        self.heads, self.dropout = heads, dropout
+        self.q = nn.Linear(hidden, hidden)
+        self.kv = nn.Linear(hidden, 2 * hidden)
+        self.proj = nn.Linear(hidden, hidden)
+
+    def forward(self, x, context, key_mask=None):
+        q = rearrange(self.q(x), "b l (h d) -> b h l d", h=self.heads)
+        k, v = rearrange(self.kv(context), "b l (two h d) -> two b h l d", two=2, h=self.heads)
+        mask = None if key_mask is None else key_mask[:, None, None, :]  # (B, 1, 1, Lk): the same for every query
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
+        return self.proj(rearrange(y, "b h l d -> b l (h d)"))  # (B, Lq, H)
+
+
+class CoAttentionLayer(nn.Module):
+    """One modality's layer (METER's BertCrossLayer): self-attention → cross-attention → FFN, each
+    followed by dropout, the residual and a LayerNorm (post-LN).
+
+    forward(x: (B, L, H), other: (B, M, H), mask: (B, L) bool | None, other_mask: (B, M) bool | None)
+    → (B, L, H). Queries come from x; the cross-attention's keys and values come from `other`.
+    """
+
+    def __init__(self, hidden: int, heads: int, mlp_ratio: float = 4.0, dropout: float = 0.1,
+                 cross_attention: bool = True):
+        super().__init__()
+        self.cross_attention = cross_attention
+        self.self_attn, self.ln_self = Attention(hidden, heads, dropout), nn.LayerNorm(hidden)
+        self.cross_attn, self.ln_cross = Attention(hidden, heads, dropout), nn.LayerNorm(hidden)
+        ffn = int(hidden * mlp_ratio)
+        self.ffn = nn.Sequential(nn.Linear(hidden, ffn), nn.GELU(), nn.Linear(ffn, hidden))
+        self.ln_ffn = nn.LayerNorm(hidden)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x, other, mask=None, other_mask=None):
+        x = self.ln_self(x + self.drop(self.self_attn(x, x, mask)))
+        if self.cross_attention:
+            x = self.ln_cross(x + self.drop(self.cross_attn(x, other, other_mask)))
+        return self.ln_ffn(x + self.drop(self.ffn(x)))
+
+
+class Pooler(nn.Module):
+    """tanh(W h): BERT's pooler, applied to the first token (text) or to the token average (image)."""
+
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.dense = nn.Linear(hidden, hidden)
+
+    def forward(self, h):  # (B, H)
+        return torch.tanh(self.dense(h))
+
+
+# ----------------------------------------------------------------------------------------------------
+# The fusion model with its heads
+
+
+class METER(nn.Module):
+    """Co-attention fusion of an image encoder and a bidirectional text encoder, with ITM, MLM and (when
+    num_answers > 0) VQA heads.
+
+    image_encoder: has `forward_features(x) -> list of maps (B, C_i, H_i, W_i)` (coswin.CoSwin) and
+        `cfg.embed_dim` / `num_features` to size the projections (C_i = embed_dim · 2^i).
+    text_encoder: has `forward_tokens(tokens, attention_mask) -> (B, L, width)`, `num_features`, and
+        `cfg.causal == False` (METER's text side is bidirectional; a causal tower is refused).
+
+    forward(images, tokens, attention_mask=None, blind=False) -> dict with
+        text: (B, L, H), image: (B, N, H) fusion outputs, pooled: (B, 2H) = [h_text; h_image],
+        vqa: (B, A) logits if the VQA head exists.
+    `blind=True` zeroes the image encoder's features before the fusion (the image-blind ablation).
+    """
+
+    def __init__(self, image_encoder: nn.Module, text_encoder: nn.Module, hidden: int = 768, layers: int = 6,
+                 heads: int = 12, mlp_ratio: float = 4.0, dropout: float = 0.1, image_levels=(-1,),
+                 cross_attention: bool = True, num_answers: int = 0, vocab_size: int = 0):
+        super().__init__()
+        if getattr(getattr(text_encoder, "cfg", None), "causal", False):
+            raise ValueError("METER needs a bidirectional text encoder; build it with causal=False (the weights of "
+                             "a causal tower load unchanged: TextEncoder(replace(cfg, causal=False)))")
+        self.cfg = METERConfig(hidden, layers, heads, mlp_ratio, dropout, tuple(image_levels), cross_attention,
+                               num_answers, vocab_size or text_encoder.cfg.vocab_size)
+        self.image_encoder, self.text_encoder = image_encoder, text_encoder
+        n_stages = len(image_encoder.cfg.depths)
+        self.levels = sorted({lvl % n_stages for lvl in self.cfg.image_levels})
+        dims = [image_encoder.cfg.embed_dim * 2 ** i for i in range(n_stages)]
+        # W_v per chosen stage (a LayerNorm first: only the last CoSwin map is normalised), W_t for text
+        self.image_proj = nn.ModuleList(nn.Sequential(nn.LayerNorm(dims[i]), nn.Linear(dims[i], hidden))
+                                        for i in self.levels)
+        self.text_proj = nn.Linear(text_encoder.num_features, hidden)
+        self.type_embedding = nn.Embedding(2, hidden)  # 0: text, 1: image
+        self.text_layers = nn.ModuleList(CoAttentionLayer(hidden, heads, mlp_ratio, dropout, cross_attention)
+                                         for _ in range(layers))
+        self.image_layers = nn.ModuleList(CoAttentionLayer(hidden, heads, mlp_ratio, dropout, cross_attention)
+                                          for _ in range(layers))
+        self.text_pooler, self.image_pooler = Pooler(hidden), Pooler(hidden)
+        self.itm_head = nn.Linear(2 * hidden, 2)
+        self.mlm_head = nn.Sequential(nn.Linear(hidden, hidden), nn.GELU(), nn.LayerNorm(hidden),
+                                      nn.Linear(hidden, self.cfg.vocab_size))
+        self.vqa_head = None
+        if num_answers > 0:
+            self.vqa_head = nn.Sequential(nn.Linear(2 * hidden, 2 * hidden), nn.LayerNorm(2 * hidden), nn.GELU(),
+                                          nn.Linear(2 * hidden, num_answers))
+        for name, m in self.named_children():  # BERT init for the new modules; the towers keep theirs
+            if name not in ("image_encoder", "text_encoder"):
+                m.apply(_bert_init)
+
+    # -- the two streams ------------------------------------------------------------------------------
+    def image_features(self, images: torch.Tensor, blind: bool = False) -> torch.Tensor:
+        """images (B, 3, H, W) → projected image tokens (B, N, hidden), N = Σ over chosen stages of H_i·W_i."""
+        maps = self.image_encoder.forward_features(images)
+        tokens = []
+        for proj, i in zip(self.image_proj, self.levels):
+            t = rearrange(maps[i], "b c h w -> b (h w) c")
+            tokens.append(proj(torch.zeros_like(t) if blind else t))
+        return torch.cat(tokens, dim=1)
+
+    def text_features(self, tokens: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """tokens (B, L) → (B, L, hidden), bidirectional over the tokens where attention_mask is True."""
+        return self.text_proj(self.text_encoder.forward_tokens(tokens, attention_mask))
+
+    def fuse(self, x, y, x_mask=None, y_mask=None):
+        """x: text (B, L, H), y: image (B, N, H) → both after K co-attention layers. Each layer reads the
+        previous layer's x and y, so the two streams update in parallel (neither sees the other's new state)."""
+        x = x + self.type_embedding.weight[0]
+        y = y + self.type_embedding.weight[1]
+        for text_layer, image_layer in zip(self.text_layers, self.image_layers):
+            x, y = text_layer(x, y, x_mask, y_mask), image_layer(y, x, y_mask, x_mask)
+        return x, y
+
+    def pool(self, x, y, y_mask=None):
+        """[tanh(W x[:, 0]); tanh(W' mean(y))] → (B, 2H); the image mean is over valid tokens."""
+        if y_mask is None:
+            y_mean = y.mean(dim=1)
+        else:
+            w = y_mask.to(y.dtype)[..., None]
+            y_mean = (y * w).sum(1) / w.sum(1).clamp(min=1.0)
+        return torch.cat([self.text_pooler(x[:, 0]), self.image_pooler(y_mean)], dim=-1)
+
+    def forward(self, images, tokens, attention_mask=None, blind: bool = False, image_feats=None):
+        """`image_feats` (B, N, H) from `image_features` can be passed instead of running the image tower
+        again (ITM reuses them with rows swapped)."""
+        if attention_mask is None:
+            attention_mask = tokens != self.text_encoder.cfg.pad_id
+        attention_mask = attention_mask.bool()
+        y = self.image_features(images, blind) if image_feats is None else image_feats
+        x = self.text_features(tokens, attention_mask)
+        x, y = self.fuse(x, y, attention_mask, None)
+        out = {"text": x, "image": y, "pooled": self.pool(x, y)}
+        if self.vqa_head is not None:
+            out["vqa"] = self.vqa_head(out["pooled"])
+        return out
+
+
+def _bert_init(m: nn.Module):
+    """BERT / METER `init_weights`: normal(0, 0.02) weights, zero biases, LayerNorm (1, 0)."""
+    if isinstance(m, (nn.Linear, nn.Embedding)):
+        nn.init.normal_(m.weight, std=0.02)
+        if isinstance(m, nn.Linear) and m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.LayerNorm):
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)
+
+
+def count_fusion_params(hidden: int = 768, layers: int = 6, mlp_ratio: float = 4.0) -> int:
+    """Parameters of the 2 × `layers` co-attention layers (the formula above PRESETS)."""
+    H, F_ = hidden, int(hidden * mlp_ratio)
+    per = 2 * (4 * H * H + 4 * H) + (2 * H * F_ + F_ + H) + 6 * H
+    return 2 * layers * per
+
+
+# ----------------------------------------------------------------------------------------------------
+# Objectives
+
+
+def mask_tokens(tokens: torch.Tensor, vocab_size: int, mask_id: int, special_ids=(0, 1, 2, 3), prob: float = 0.15,
+                first_regular_id: int = 4, generator: torch.Generator | None = None):
+    """BERT's masking: each real token (not in special_ids) is chosen with probability `prob`; a chosen token
+    becomes `mask_id` with p = .8, a uniformly random regular token (ids first_regular_id..vocab_size−1) with
+    p = .1, and stays with p = .1.
+
+    tokens: (B, L) → (masked tokens (B, L), labels (B, L): the original id where chosen, −100 elsewhere)."""
+    dev = tokens.device
+
+    def rand(*shape):
+        return torch.rand(*shape, generator=generator, device="cpu").to(dev)
+
+    real = torch.ones_like(tokens, dtype=torch.bool)
+    for s in special_ids:
+        real &= tokens != s
+    chosen = real & (rand(tokens.shape) < prob)
+    labels = torch.where(chosen, tokens, torch.full_like(tokens, -100))
+    u = rand(tokens.shape)
+    to_mask = chosen & (u < 0.8)
+    to_random = chosen & (u >= 0.8) & (u < 0.9)
+    random_ids = torch.randint(first_regular_id, vocab_size, tokens.shape, generator=generator).to(dev)
+    masked = torch.where(to_mask, torch.full_like(tokens, mask_id), tokens)
+    masked = torch.where(to_random, random_ids, masked)
+    return masked, labels
+
+
+def mlm_loss(model: METER, out: dict, labels: torch.Tensor):
+    """Cross-entropy of the MLM head on the chosen positions only → (loss, accuracy on those positions).
+    A batch without any chosen token gives a zero loss (still connected to the graph)."""
+    chosen = labels != -100
+    if not bool(chosen.any()):
+        return out["text"].sum() * 0.0, float("nan")
+    logits = model.mlm_head(out["text"][chosen])  # (M, V): only the chosen positions go through the head
+    target = labels[chosen]
+    return F.cross_entropy(logits.float(), target), float((logits.argmax(-1) == target).float().mean())
+
+
+def itm_pairs(texts: list[str], generator: torch.Generator | None = None):
+    """Half the rows (⌊B/2⌋, random) get the image of another chosen row (a random cyclic shift of them).
+
+    → (image_index (B,) long: row b is paired with image image_index[b]; label (B,) long: 1 = match).
+    A swapped pair whose two captions are equal is a match (label 1): only the caption decides."""
+    B = len(texts)
+    image_index = torch.arange(B)
+    if B >= 2:
+        rows = torch.randperm(B, generator=generator)[: max(2, B // 2)]
+        image_index[rows] = rows.roll(1)
+    label = torch.tensor([int(texts[b] == texts[int(image_index[b])]) for b in range(B)])
+    return image_index, label
+
+
+def itm_loss(model: METER, image_feats: torch.Tensor, tokens: torch.Tensor, texts: list[str],
+             generator: torch.Generator | None = None):
+    """ITM on (text, image) pairs where half the images are swapped → (loss, accuracy)."""
+    image_index, label = itm_pairs(texts, generator)
+    label = label.to(tokens.device)
+    out = model(None, tokens, image_feats=image_feats[image_index.to(image_feats.device)])
+    logits = model.itm_head(out["pooled"])
+    return F.cross_entropy(logits.float(), label), float((logits.argmax(-1) == label).float().mean())
+
+
+def vqa_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """(1/B) Σ_b Σ_a BCE(σ(z_ba), s_ba): METER's `binary_cross_entropy_with_logits(z, s) · A`.
+    logits, targets: (B, A); targets are soft scores in [0, 1]."""
+    return F.binary_cross_entropy_with_logits(logits.float(), targets.float(), reduction="sum") / logits.shape[0]
+
+
+def vqa_metric(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """VQA score per question: the soft score of the arg-max answer, s_{b, argmax_a z_ba} → (B,).
+    An answer outside the vocabulary has no column, so a question whose answers are all outside scores 0."""
+    return targets.gather(1, logits.argmax(dim=-1, keepdim=True)).squeeze(1)

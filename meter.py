@@ -36,6 +36,7 @@ data/data_collator.py `DataCollatorForLanguageModeling.torch_mask_tokens` (80/10
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from dataclasses import dataclass
 
@@ -47,7 +48,7 @@ from einops import rearrange
 from data.synthetic import soft_target, vqa_score  # the VQA soft scores live with the data; re-exported here
 
 __all__ = ["METERConfig", "PRESETS", "build", "METER", "CoAttentionLayer", "Attention", "mask_tokens",
-           "itm_pairs", "itm_loss", "mlm_loss", "vqa_loss", "vqa_metric", "vqa_score", "soft_target",
+           "itm_pairs", "itm_mlm_loss", "mlm_loss", "vqa_loss", "vqa_metric", "vqa_score", "soft_target",
            "count_fusion_params"]
 
 
@@ -64,6 +65,7 @@ class METERConfig:
     dropout: float = 0.1  # attention / residual dropout (BERT's 0.1)
     image_levels: tuple = (-1,)  # CoSwin stages whose tokens enter the fusion; -1 = the last (METER)
     cross_attention: bool = True  # False: each stream sees only itself (an ablation; tests use it)
+    pretrain_heads: bool = True  # the ITM and MLM heads (fusion pretraining); off for VQA fine-tuning
     num_answers: int = 0  # > 0: a VQA head over this many answers
     vocab_size: int = 0  # MLM head size; 0 = the text encoder's vocabulary
 
@@ -169,21 +171,26 @@ class METER(nn.Module):
     text_encoder: has `forward_tokens(tokens, attention_mask) -> (B, L, width)`, `num_features`, and
         `cfg.causal == False` (METER's text side is bidirectional; a causal tower is refused).
 
-    forward(images, tokens, attention_mask=None, blind=False) -> dict with
-        text: (B, L, H), image: (B, N, H) fusion outputs, pooled: (B, 2H) = [h_text; h_image],
-        vqa: (B, A) logits if the VQA head exists.
+    forward(images (B, 3, H, W), tokens (B', L), attention_mask=None, blind=False, image_index=None,
+            mlm_labels=None) -> dict with
+        text: (B', L, H) and image: (B', N, H) fusion outputs, pooled: (B', 2H) = [h_text; h_image],
+        itm: (B', 2) logits (pretraining heads), mlm: (M, V) logits at the M positions where
+        mlm_labels != −100 (if given), vqa: (B', A) logits (if the VQA head exists).
+    Text row b is paired with image image_index[b] (default b): ITM's swapped negatives and MLM's masked
+    copies share one pass of the image tower, and everything happens inside one forward (as DDP wants).
     `blind=True` zeroes the image encoder's features before the fusion (the image-blind ablation).
     """
 
     def __init__(self, image_encoder: nn.Module, text_encoder: nn.Module, hidden: int = 768, layers: int = 6,
                  heads: int = 12, mlp_ratio: float = 4.0, dropout: float = 0.1, image_levels=(-1,),
-                 cross_attention: bool = True, num_answers: int = 0, vocab_size: int = 0):
+                 cross_attention: bool = True, pretrain_heads: bool = True, num_answers: int = 0,
+                 vocab_size: int = 0):
         super().__init__()
         if getattr(getattr(text_encoder, "cfg", None), "causal", False):
             raise ValueError("METER needs a bidirectional text encoder; build it with causal=False (the weights of "
                              "a causal tower load unchanged: TextEncoder(replace(cfg, causal=False)))")
         self.cfg = METERConfig(hidden, layers, heads, mlp_ratio, dropout, tuple(image_levels), cross_attention,
-                               num_answers, vocab_size or text_encoder.cfg.vocab_size)
+                               pretrain_heads, num_answers, vocab_size or text_encoder.cfg.vocab_size)
         self.image_encoder, self.text_encoder = image_encoder, text_encoder
         n_stages = len(image_encoder.cfg.depths)
         self.levels = sorted({lvl % n_stages for lvl in self.cfg.image_levels})
@@ -198,10 +205,11 @@ class METER(nn.Module):
         self.image_layers = nn.ModuleList(CoAttentionLayer(hidden, heads, mlp_ratio, dropout, cross_attention)
                                           for _ in range(layers))
         self.text_pooler, self.image_pooler = Pooler(hidden), Pooler(hidden)
-        self.itm_head = nn.Linear(2 * hidden, 2)
-        self.mlm_head = nn.Sequential(nn.Linear(hidden, hidden), nn.GELU(), nn.LayerNorm(hidden),
-                                      nn.Linear(hidden, self.cfg.vocab_size))
-        self.vqa_head = None
+        self.itm_head = self.mlm_head = self.vqa_head = None
+        if pretrain_heads:
+            self.itm_head = nn.Linear(2 * hidden, 2)
+            self.mlm_head = nn.Sequential(nn.Linear(hidden, hidden), nn.GELU(), nn.LayerNorm(hidden),
+                                          nn.Linear(hidden, self.cfg.vocab_size))
         if num_answers > 0:
             self.vqa_head = nn.Sequential(nn.Linear(2 * hidden, 2 * hidden), nn.LayerNorm(2 * hidden), nn.GELU(),
                                           nn.Linear(2 * hidden, num_answers))
@@ -211,8 +219,10 @@ class METER(nn.Module):
 
     # -- the two streams ------------------------------------------------------------------------------
     def image_features(self, images: torch.Tensor, blind: bool = False) -> torch.Tensor:
-        """images (B, 3, H, W) → projected image tokens (B, N, hidden), N = Σ over chosen stages of H_i·W_i."""
-        maps = self.image_encoder.forward_features(images)
+        """images (B, 3, H, W) → projected image tokens (B, N, hidden), N = Σ over chosen stages of H_i·W_i.
+        blind: the encoder's features are replaced by zeros (the tower runs without gradients, for the shapes)."""
+        with torch.no_grad() if blind else contextlib.nullcontext():
+            maps = self.image_encoder.forward_features(images)
         tokens = []
         for proj, i in zip(self.image_proj, self.levels):
             t = rearrange(maps[i], "b c h w -> b (h w) c")
@@ -241,16 +251,20 @@ class METER(nn.Module):
             y_mean = (y * w).sum(1) / w.sum(1).clamp(min=1.0)
         return torch.cat([self.text_pooler(x[:, 0]), self.image_pooler(y_mean)], dim=-1)
 
-    def forward(self, images, tokens, attention_mask=None, blind: bool = False, image_feats=None):
-        """`image_feats` (B, N, H) from `image_features` can be passed instead of running the image tower
-        again (ITM reuses them with rows swapped)."""
+    def forward(self, images, tokens, attention_mask=None, blind: bool = False, image_index=None, mlm_labels=None):
         if attention_mask is None:
             attention_mask = tokens != self.text_encoder.cfg.pad_id
         attention_mask = attention_mask.bool()
-        y = self.image_features(images, blind) if image_feats is None else image_feats
-        x = self.text_features(tokens, attention_mask)
+        y = self.image_features(images, blind)  # (B, N, H)
+        if image_index is not None:
+            y = y[image_index]  # (B', N, H)
+        x = self.text_features(tokens, attention_mask)  # (B', L, H)
         x, y = self.fuse(x, y, attention_mask, None)
         out = {"text": x, "image": y, "pooled": self.pool(x, y)}
+        if self.itm_head is not None:
+            out["itm"] = self.itm_head(out["pooled"])
+        if mlm_labels is not None:
+            out["mlm"] = self.mlm_head(x[mlm_labels != -100])  # only the chosen positions go through the head
         if self.vqa_head is not None:
             out["vqa"] = self.vqa_head(out["pooled"])
         return out
@@ -304,17 +318,6 @@ def mask_tokens(tokens: torch.Tensor, vocab_size: int, mask_id: int, special_ids
     return masked, labels
 
 
-def mlm_loss(model: METER, out: dict, labels: torch.Tensor):
-    """Cross-entropy of the MLM head on the chosen positions only → (loss, accuracy on those positions).
-    A batch without any chosen token gives a zero loss (still connected to the graph)."""
-    chosen = labels != -100
-    if not bool(chosen.any()):
-        return out["text"].sum() * 0.0, float("nan")
-    logits = model.mlm_head(out["text"][chosen])  # (M, V): only the chosen positions go through the head
-    target = labels[chosen]
-    return F.cross_entropy(logits.float(), target), float((logits.argmax(-1) == target).float().mean())
-
-
 def itm_pairs(texts: list[str], generator: torch.Generator | None = None):
     """Half the rows (⌊B/2⌋, random) get the image of another chosen row (a random cyclic shift of them).
 
@@ -329,14 +332,37 @@ def itm_pairs(texts: list[str], generator: torch.Generator | None = None):
     return image_index, label
 
 
-def itm_loss(model: METER, image_feats: torch.Tensor, tokens: torch.Tensor, texts: list[str],
-             generator: torch.Generator | None = None):
-    """ITM on (text, image) pairs where half the images are swapped → (loss, accuracy)."""
-    image_index, label = itm_pairs(texts, generator)
-    label = label.to(tokens.device)
-    out = model(None, tokens, image_feats=image_feats[image_index.to(image_feats.device)])
-    logits = model.itm_head(out["pooled"])
-    return F.cross_entropy(logits.float(), label), float((logits.argmax(-1) == label).float().mean())
+def itm_mlm_loss(model, images: torch.Tensor, tokens: torch.Tensor, texts: list[str], mask_id: int,
+                 vocab_size: int, prob: float = 0.15, generator: torch.Generator | None = None):
+    """METER's pretraining step in one forward: B rows of masked text with their own images (MLM) and B rows
+    of clean text with half the images swapped (ITM) → (L_mlm + L_itm, logs).
+
+    model: a METER with pretraining heads (or a DDP wrapper of one); images (B, 3, H, W), tokens (B, L),
+    texts: the B captions (equal captions make a swapped pair a match)."""
+    B = tokens.shape[0]
+    masked, labels = mask_tokens(tokens, vocab_size, mask_id, prob=prob, generator=generator)
+    image_index, itm_label = itm_pairs(texts, generator)
+    dev = tokens.device
+    all_labels = torch.cat([labels, torch.full_like(labels, -100)])  # (2B, L): MLM only on the masked copy
+    out = model(images, torch.cat([masked, tokens]), image_index=torch.cat([torch.arange(B), image_index]).to(dev),
+                mlm_labels=all_labels)
+    l_mlm, mlm_acc = mlm_loss(out["mlm"], all_labels, out["text"])
+    itm_logits, itm_label = out["itm"][B:], itm_label.to(dev)
+    l_itm = F.cross_entropy(itm_logits.float(), itm_label)
+    itm_acc = float((itm_logits.argmax(-1) == itm_label).float().mean())
+    return l_mlm + l_itm, {"mlm_loss": float(l_mlm.detach()), "itm_loss": float(l_itm.detach()),
+                           "mlm_accuracy": mlm_acc, "itm_accuracy": itm_acc}
+
+
+def mlm_loss(mlm_logits: torch.Tensor, labels: torch.Tensor, text_states: torch.Tensor | None = None):
+    """Cross-entropy on the chosen positions only. mlm_logits: (M, V) at the M positions where labels != −100
+    (METER.forward's "mlm"), labels: (B, L) → (loss, accuracy on those positions). With no chosen position
+    the loss is zero (connected to the graph through `text_states` when given) and the accuracy NaN."""
+    target = labels[labels != -100]  # (M,) in the row-major order of the boolean index
+    if target.numel() == 0:
+        zero = (text_states.sum() if text_states is not None else mlm_logits.sum()) * 0.0
+        return zero, float("nan")
+    return F.cross_entropy(mlm_logits.float(), target), float((mlm_logits.argmax(-1) == target).float().mean())
 
 
 def vqa_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

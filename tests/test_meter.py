@@ -214,14 +214,42 @@ def test_mlm_loss_only_on_chosen_positions():
     t = tokens_with_padding(B=2, real=(9, 5))
     labels = torch.full_like(t, -100)
     labels[0, 3], labels[1, 2] = t[0, 3], t[1, 2]
-    out = m(images, t)
-    loss, _ = meter.mlm_loss(m, out, labels)
+    out = m(images, t, mlm_labels=labels)
+    loss, _ = meter.mlm_loss(out["mlm"], labels)
     logits = m.mlm_head(out["text"])  # (B, L, V): every position, then pick the two chosen
     ref = (torch.nn.functional.cross_entropy(logits[0, 3:4], t[0, 3:4])
            + torch.nn.functional.cross_entropy(logits[1, 2:3], t[1, 2:3])) / 2
     torch.testing.assert_close(loss, ref)
-    empty, acc = meter.mlm_loss(m, out, torch.full_like(t, -100))
-    assert float(empty.detach()) == 0.0 and math.isnan(acc)
+    none = torch.full_like(t, -100)
+    empty, acc = meter.mlm_loss(m(images, t, mlm_labels=none)["mlm"], none, out["text"])
+    assert float(empty.detach()) == 0.0 and math.isnan(acc) and empty.requires_grad
+
+
+def test_image_index_pairs_text_rows_with_images_in_one_pass():
+    m = tiny()
+    images = torch.randn(3, 3, 32, 32)
+    t = tokens_with_padding(B=3, real=(9, 5, 12))
+    idx = torch.tensor([2, 0, 0, 1])  # four text rows, three images
+    t4 = torch.cat([t, t[:1]])
+    with torch.no_grad():
+        a = m(images, t4, image_index=idx)
+        b = m(images[idx], t4)
+    torch.testing.assert_close(a["pooled"], b["pooled"])
+    torch.testing.assert_close(a["itm"], b["itm"])
+
+
+def test_itm_mlm_loss_is_the_sum_of_both_objectives_in_one_forward():
+    m = tiny().train()
+    images = torch.randn(4, 3, 32, 32)
+    t = tokens_with_padding(B=4, real=(9, 5, 12, 16))
+    calls = []
+    m.register_forward_hook(lambda *a: calls.append(1))
+    loss, logs = meter.itm_mlm_loss(m, images, t, ["a", "b", "c", "d"], text_encoder.MASK_ID, VOCAB, prob=0.5)
+    assert len(calls) == 1
+    assert abs(float(loss.detach()) - logs["mlm_loss"] - logs["itm_loss"]) < 1e-5
+    assert logs["mlm_loss"] > 0 and 0 <= logs["itm_accuracy"] <= 1
+    loss.backward()
+    assert m.itm_head.weight.grad.abs().sum() > 0 and m.mlm_head[0].weight.grad.abs().sum() > 0
 
 
 def test_itm_pairs_swap_half_the_images_and_label_by_caption():

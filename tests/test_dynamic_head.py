@@ -1,0 +1,468 @@
+"""dynamic_head.py: the deformable conv against a plain-loop transcription of torchvision's CPU kernel and
+against conv2d; NMS against a naive greedy loop (ties, IoU exactly at the threshold); COCO mAP on hand-built
+cases with known answers; each attention does what its name says; the neighbour-alignment fix; ATSS;
+bad boxes; the whole adapter overfits one image; --task detect end to end."""
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import coswin
+import dynamic_head as dh
+import text_encoder
+
+# ----------------------------------------------------------------------------------------------------
+# Modulated deformable convolution
+
+
+def _bilinear(img, h, w):
+    """torchvision deform_conv2d_kernel.cpp bilinear_interpolate, in plain Python."""
+    H, W = img.shape
+    if h <= -1 or h >= H or w <= -1 or w >= W:
+        return 0.0
+    hl, wl = math.floor(h), math.floor(w)
+    lh, lw = h - hl, w - wl
+
+    def v(y, x):
+        return float(img[y, x]) if 0 <= y < H and 0 <= x < W else 0.0
+
+    return ((1 - lh) * (1 - lw) * v(hl, wl) + (1 - lh) * lw * v(hl, wl + 1)
+            + lh * (1 - lw) * v(hl + 1, wl) + lh * lw * v(hl + 1, wl + 1))
+
+
+def _deform_loop(x, offset, mask, weight, bias, stride, pad, dil=1):
+    """The deformable_im2col loop: channel g·2K + 2k is Δy, + 1 is Δx; mask channel g·K + k."""
+    B, C, H, W = x.shape
+    O, _, kh, kw = weight.shape
+    K = kh * kw
+    Ho, Wo = offset.shape[-2:]
+    G = offset.shape[1] // (2 * K)
+    out = torch.zeros(B, O, Ho, Wo, dtype=torch.float64)
+    for b in range(B):
+        for oy in range(Ho):
+            for ox in range(Wo):
+                for c in range(C):
+                    g = c // (C // G)
+                    for i in range(kh):
+                        for j in range(kw):
+                            k = i * kw + j
+                            dy = float(offset[b, g * 2 * K + 2 * k, oy, ox])
+                            dx = float(offset[b, g * 2 * K + 2 * k + 1, oy, ox])
+                            val = float(mask[b, g * K + k, oy, ox]) * _bilinear(
+                                x[b, c], oy * stride - pad + i * dil + dy, ox * stride - pad + j * dil + dx)
+                            out[b, :, oy, ox] += weight[:, c, i, j].double() * val
+    if bias is not None:
+        out += bias.double().view(1, -1, 1, 1)
+    return out
+
+
+def _random_offsets(B, G, K, Ho, Wo, seed):
+    g = torch.Generator().manual_seed(seed)
+    off = (torch.rand(B, 2 * G * K, Ho, Wo, generator=g, dtype=torch.float64) - 0.5) * 5  # fractional, ±2.5 px
+    off[:, 0, 0, 0] = 9.7  # far below the image: samples zeros
+    off[:, 1, 0, Wo - 1] = -7.3  # far left
+    off[:, 2, Ho - 1, 1] = 1.0  # an exact integer shift
+    off[:, 3, Ho - 1, 0] = -0.999  # just inside the "≤ −1 is outside" rule
+    return off
+
+
+@pytest.mark.parametrize("H,W,stride,pad,G", [(5, 6, 1, 1, 1), (7, 6, 2, 1, 1), (5, 5, 1, 0, 2), (1, 5, 1, 1, 1)])
+def test_deform_conv_equals_the_torchvision_loop(H, W, stride, pad, G):
+    torch.manual_seed(1)
+    C, O = 4, 3
+    x = torch.randn(1, C, H, W, dtype=torch.float64)
+    w = torch.randn(O, C, 3, 3, dtype=torch.float64)
+    b = torch.randn(O, dtype=torch.float64)
+    Ho, Wo = (H + 2 * pad - 3) // stride + 1, (W + 2 * pad - 3) // stride + 1
+    off = _random_offsets(1, G, 9, Ho, Wo, seed=H * 100 + W)
+    mask = torch.rand(1, G * 9, Ho, Wo, dtype=torch.float64)  # mask ≠ 1
+    got = dh.modulated_deform_conv2d(x, off, mask, w, b, stride, pad)
+    want = _deform_loop(x, off, mask, w, b, stride, pad)
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("stride,pad,dil", [(1, 1, 1), (2, 1, 1), (1, 2, 2), (2, 0, 1)])
+def test_deform_conv_with_zero_offsets_and_unit_mask_is_conv2d(stride, pad, dil):
+    x = torch.randn(2, 3, 9, 8)
+    w, b = torch.randn(4, 3, 3, 3), torch.randn(4)
+    ref = F.conv2d(x, w, b, stride, pad, dil)
+    Ho, Wo = ref.shape[-2:]
+    got = dh.modulated_deform_conv2d(x, torch.zeros(2, 18, Ho, Wo), torch.ones(2, 9, Ho, Wo), w, b, stride, pad, dil)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_offset_channel_2k_is_dy_and_2k_plus_1_is_dx():
+    """A kernel that only reads position k = (0, 2) (top right); Δy = +1 on channel 2k moves that read down
+    one row, so the output is x shifted left by one column: y[r, c] = x[r, c + 1]."""
+    x = torch.randn(1, 1, 6, 7)
+    w = torch.zeros(1, 1, 3, 3)
+    w[0, 0, 0, 2] = 1.0
+    k = 0 * 3 + 2
+    off = torch.zeros(1, 18, 6, 7)
+    off[:, 2 * k] = 1.0  # Δy
+    y = dh.modulated_deform_conv2d(x, off, torch.ones(1, 9, 6, 7), w, None, 1, 1)
+    torch.testing.assert_close(y[0, 0, :, :-1], x[0, 0, :, 1:])
+    off[:, 2 * k], off[:, 2 * k + 1] = 0.0, 1.0  # Δx instead: reads (r − 1, c + 2)
+    y = dh.modulated_deform_conv2d(x, off, torch.ones(1, 9, 6, 7), w, None, 1, 1)
+    torch.testing.assert_close(y[0, 0, 1:, :-2], x[0, 0, :-1, 2:])
+
+
+def test_deform_conv_gradients_flow_to_input_offsets_mask_and_weights():
+    torch.manual_seed(0)
+    x = torch.randn(1, 2, 3, 4, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(2, 2, 3, 3, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(2, dtype=torch.float64, requires_grad=True)
+    off = (torch.rand(1, 18, 3, 4, dtype=torch.float64) * 0.8 + 0.1).requires_grad_()  # off the integer kinks
+    mask = torch.rand(1, 9, 3, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda *a: dh.modulated_deform_conv2d(*a, stride=1, padding=1),
+                                    (x, off, mask, w, b), eps=1e-6, atol=1e-5, fast_mode=True)
+    dh.modulated_deform_conv2d(x, off, mask, w, b, 1, 1).square().sum().backward()
+    assert off.grad.abs().sum() > 0 and mask.grad.abs().sum() > 0
+
+
+def test_deform_conv_rejects_offsets_of_the_wrong_size():
+    x, w = torch.randn(1, 2, 8, 8), torch.randn(2, 2, 3, 3)
+    with pytest.raises(ValueError, match="offset must be"):  # the official DyHead bug: offsets of twice the size
+        dh.modulated_deform_conv2d(x, torch.zeros(1, 18, 16, 16), torch.ones(1, 9, 16, 16), w, None, 1, 1)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Boxes and NMS
+
+
+def _naive_nms(boxes, scores, thr, classes=None):
+    b, s = boxes.tolist(), scores.tolist()
+    order = sorted(range(len(s)), key=lambda i: (-s[i], i))  # ties: lower index first
+
+    def iou(p, q):
+        iw = max(0.0, min(p[2], q[2]) - max(p[0], q[0]))
+        ih = max(0.0, min(p[3], q[3]) - max(p[1], q[1]))
+        inter = iw * ih
+        union = (p[2] - p[0]) * (p[3] - p[1]) + (q[2] - q[0]) * (q[3] - q[1]) - inter
+        return inter / union if union > 0 else 0.0
+
+    keep = []
+    for i in order:
+        if all(iou(b[i], b[j]) <= thr or (classes is not None and classes[i] != classes[j]) for j in keep):
+            keep.append(i)
+    return keep
+
+
+def test_nms_equals_a_naive_greedy_loop_with_ties_and_duplicates():
+    g = torch.Generator().manual_seed(0)
+    for trial in range(20):
+        n = 40
+        xy = torch.randint(0, 12, (n, 2), generator=g).float()
+        wh = torch.randint(1, 6, (n, 2), generator=g).float()
+        boxes = torch.cat([xy, xy + wh], 1)
+        boxes[5] = boxes[3]  # an exact duplicate
+        scores = torch.randint(0, 5, (n,), generator=g).float() / 4  # many equal scores
+        classes = torch.randint(0, 3, (n,), generator=g)
+        for thr in (0.0, 0.3, 0.5, 0.7):
+            assert dh.nms(boxes, scores, thr).tolist() == _naive_nms(boxes, scores, thr)
+            assert dh.batched_nms(boxes, scores, classes, thr).tolist() == _naive_nms(boxes, scores, thr, classes.tolist())
+
+
+def test_nms_suppresses_only_strictly_above_the_threshold():
+    boxes = torch.tensor([[0.0, 0, 3, 1], [1.0, 0, 4, 1]])  # intersection 2, union 4: IoU exactly 0.5
+    assert float(dh.box_iou(boxes[:1], boxes[1:])) == 0.5
+    scores = torch.tensor([0.8, 0.9])
+    assert dh.nms(boxes, scores, 0.5).tolist() == [1, 0]  # equal to the threshold: kept
+    assert dh.nms(boxes, scores, 0.49).tolist() == [1]
+    same = torch.tensor([[0.0, 0, 2, 2], [0.0, 0, 2, 2]])
+    assert dh.nms(same, torch.tensor([0.5, 0.5]), 0.5).tolist() == [0]  # a tie keeps the lower index
+    assert dh.batched_nms(same, torch.tensor([0.5, 0.5]), torch.tensor([0, 1]), 0.5).tolist() == [0, 1]
+
+
+def test_box_ops():
+    a = torch.tensor([[0.0, 0, 2, 2]])
+    b = torch.tensor([[1.0, 1, 3, 3], [4.0, 4, 5, 5]])
+    torch.testing.assert_close(dh.box_iou(a, b), torch.tensor([[1 / 7, 0.0]]))
+    # GIoU: enclosing box of a and b[1] is 5×5 = 25, union 5 → 0 − 20/25
+    torch.testing.assert_close(dh.generalized_box_iou(a, b), torch.tensor([[1 / 7 - 2 / 9, -20 / 25]]))
+    torch.testing.assert_close(dh.giou_loss(a.expand(2, 4), b), 1 - dh.generalized_box_iou(a, b)[0], atol=1e-6, rtol=0)
+    xywh = torch.tensor([[1.0, 2, 3, 4]])
+    torch.testing.assert_close(dh.box_xyxy_to_xywh(dh.box_xywh_to_xyxy(xywh)), xywh)
+    assert dh.box_xywh_to_xyxy(xywh).tolist() == [[1, 2, 4, 6]]
+
+
+def test_bad_boxes_are_clipped_or_flagged():
+    boxes = torch.tensor([[-5.0, 2, 10, 8],  # partly outside: clipped
+                          [6.0, 2, 3, 8],  # x2 < x1
+                          [70.0, 70, 80, 80],  # entirely outside a 64×64 image
+                          [1.0, float("nan"), 3, 4],  # not finite
+                          [2.0, 2, 2, 9]])  # zero width
+    clipped, ok = dh.clean_boxes(boxes, 64, 64)
+    assert ok.tolist() == [True, False, False, False, False]
+    assert clipped[0].tolist() == [0, 2, 10, 8]
+
+
+# ----------------------------------------------------------------------------------------------------
+# COCO mAP
+
+
+def _gt(boxes, labels, crowd=None):
+    return {"boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4), "labels": torch.tensor(labels),
+            "iscrowd": torch.tensor(crowd if crowd is not None else [0] * len(labels))}
+
+
+def _dt(boxes, scores, labels):
+    return {"boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4), "scores": torch.tensor(scores),
+            "labels": torch.tensor(labels)}
+
+
+def test_map_perfect_detections_score_one_in_every_area_range():
+    gts = [_gt([[0, 0, 10, 10], [20, 20, 70, 70]], [0, 1]), _gt([[0, 0, 120, 120]], [1])]  # small, medium, large
+    preds = [_dt(g["boxes"].tolist(), [0.9] * len(g["labels"]), g["labels"].tolist()) for g in gts]
+    ap = dh.coco_map(preds, gts)
+    assert ap == pytest.approx({"AP": 1.0, "AP50": 1.0, "AP75": 1.0, "AP_small": 1.0, "AP_medium": 1.0, "AP_large": 1.0})
+
+
+def test_map_one_false_positive_ranked_first_halves_precision():
+    gt = [_gt([[0, 0, 10, 10]], [0])]
+    fp_first = [_dt([[50, 50, 60, 60], [0, 0, 10, 10]], [0.9, 0.8], [0, 0])]
+    fp_last = [_dt([[50, 50, 60, 60], [0, 0, 10, 10]], [0.7, 0.8], [0, 0])]
+    assert dh.coco_map(fp_first, gt)["AP"] == pytest.approx(0.5)  # precision 1/2 at every recall level
+    assert dh.coco_map(fp_last, gt)["AP"] == pytest.approx(1.0)  # the envelope forgives a trailing FP
+    wrong_class = [_dt([[0, 0, 10, 10]], [0.9], [1])]
+    assert dh.coco_map(wrong_class, gt)["AP"] == 0.0
+
+
+def test_map_partial_overlap_counts_only_the_thresholds_it_passes():
+    gt = [_gt([[0, 0, 10, 10]], [0])]
+    pred = [_dt([[0, 0, 10, 6.2]], [0.9], [0])]  # IoU 0.62: matched at .50, .55, .60 only
+    ap = dh.coco_map(pred, gt)
+    assert ap["AP"] == pytest.approx(0.3) and ap["AP50"] == pytest.approx(1.0) and ap["AP75"] == 0.0
+
+
+def test_map_crowd_boxes_are_ignored_not_missed_and_absorb_detections():
+    gt = [_gt([[0, 0, 10, 10], [30, 30, 60, 60]], [0, 0], crowd=[0, 1])]
+    preds = [_dt([[0, 0, 10, 10], [31, 31, 40, 40], [45, 45, 59, 59]], [0.5, 0.9, 0.8], [0, 0, 0])]
+    assert dh.coco_map(preds, gt)["AP"] == pytest.approx(1.0)  # the two detections in the crowd region are neither TP nor FP
+    no_crowd = [_gt([[0, 0, 10, 10], [30, 30, 60, 60]], [0, 0], crowd=[0, 0])]
+    assert dh.coco_map(preds, no_crowd)["AP"] < 0.6
+
+
+def test_map_keeps_at_most_100_detections_per_image_and_class():
+    gt = [_gt([[0, 0, 10, 10]], [0])]
+    fps = [[50 + i, 50, 60 + i, 60] for i in range(100)]
+    cut = [_dt(fps + [[0, 0, 10, 10]], [0.9] * 100 + [0.1], [0] * 101)]  # the true positive is the 101st
+    assert dh.coco_map(cut, gt)["AP"] == 0.0
+    kept = [_dt(fps[:99] + [[0, 0, 10, 10]], [0.9] * 99 + [0.1], [0] * 100)]  # 100th: precision 1/100
+    assert dh.coco_map(kept, gt)["AP"] == pytest.approx(0.01)
+
+
+def test_map_area_ranges_classes_without_ground_truth_and_dict_input():
+    gts = [_gt([[0, 0, 10, 10], [0, 0, 50, 50]], [0, 0])]  # a small box found, a medium one missed
+    preds = [_dt([[0, 0, 10, 10], [80, 80, 90, 90]], [0.9, 0.8], [0, 3])]  # class 3 has no ground truth: ignored
+    ap = dh.coco_map(preds, gts)
+    assert ap["AP_small"] == pytest.approx(1.0) and ap["AP_medium"] == 0.0 and ap["AP_large"] == -1.0
+    assert ap["AP"] == pytest.approx(51 / 101)  # precision 1 up to recall ½: 51 of the 101 recall points
+    two = dh.coco_map({7: preds[0], 9: _dt([], [], [])}, {7: gts[0], 9: _gt([[0, 0, 5, 5]], [1])})
+    assert two["AP"] == pytest.approx((51 / 101 + 0.0) / 2)  # the mean over classes 0 and 1
+
+
+# ----------------------------------------------------------------------------------------------------
+# The attentions and the block
+
+
+def test_hard_sigmoid_and_scale_attention_stay_in_range():
+    x = torch.tensor([-10.0, -3, 0, 3, 10])
+    assert dh.hard_sigmoid(x).tolist() == [0.0, 0.0, 0.5, 1.0, 1.0]
+    attn = dh.ScaleAttention(8)
+    nn.init.normal_(attn.fc.weight, std=5.0)
+    w = attn(torch.randn(16, 8, 5, 5) * 10)
+    assert w.shape == (16, 1, 1, 1) and (w >= 0.5).all() and (w <= 1).all()  # ReLU then hard sigmoid
+    assert (w > 0.5).any() and (w < 1).any()
+    nn.init.constant_(attn.fc.bias, 100.0)
+    assert (attn(torch.randn(2, 8, 3, 3)) == 1).all()
+
+
+def test_dynamic_relu_is_relu_at_init_and_two_affine_pieces_after():
+    act = dh.DynamicReLU(8)
+    x = torch.randn(3, 8, 5, 5) * 3
+    assert torch.equal(act(x), F.relu(x))
+    nn.init.normal_(act.fc2.weight, std=1.0)
+    nn.init.normal_(act.fc2.bias, std=1.0)
+    a1, b1, a2, b2 = act.coefficients(x)
+    assert ((a1 >= 0) & (a1 <= 2)).all() and ((a2 >= -1) & (a2 <= 1)).all() and (b1.abs() <= 0.5).all()
+    y = act(x)
+    torch.testing.assert_close(y, torch.maximum(a1 * x + b1, a2 * x + b2))
+    assert not torch.allclose(y, F.relu(x))
+
+
+def _pyramid(C=16, sizes=(16, 8, 4), B=2):
+    return [torch.randn(B, C, s, s) for s in sizes]
+
+
+def test_block_at_init_is_a_half_weight_conv_on_each_branch():
+    """Offsets start at zero and the mask at sigmoid(0) = ½: each branch is a plain conv with ½ the weight."""
+    blk = dh.DyHeadBlock(16)
+    feats = _pyramid()
+    same, finer, coarser = blk.spatial(feats, 1)
+    c = blk.conv_same
+    torch.testing.assert_close(same, c.norm(F.conv2d(feats[1], c.weight / 2, c.bias, 1, 1)), atol=1e-5, rtol=1e-5)
+    c = blk.conv_finer
+    torch.testing.assert_close(finer, c.norm(F.conv2d(feats[0], c.weight / 2, c.bias, 2, 1)), atol=1e-5, rtol=1e-5)
+    up = F.interpolate(feats[2], size=(8, 8), mode="bilinear", align_corners=False)
+    c = blk.conv_coarser
+    torch.testing.assert_close(coarser, c.norm(F.conv2d(up, c.weight / 2, c.bias, 1, 1)), atol=1e-5, rtol=1e-5)
+    out = blk(feats)
+    assert [o.shape for o in out] == [f.shape for f in feats] and (out[0] >= 0).all()  # ReLU at init
+
+
+def test_neighbour_levels_are_read_where_the_offsets_point():
+    """The alignment fix. A linear ramp f(y, x) = a·y + b·x at level 1 (8×8), the same ramp at level 2
+    (avg-pooled, 4×4) and at level 0 (16×16). Identity kernels, unit mask and a uniform offset (Δy, Δx) in
+    level 1's pixels: the coarser branch must read the same values as level 1 itself, and the finer branch
+    the same up to the stride-2 conv's constant quarter-pixel phase −(a + b)/4. The official code reads
+    the coarser map with offsets of twice its size and the finer one with unscaled offsets."""
+    C, a, b, dy, dx = 16, 0.7, -0.4, 1.0, 0.5
+    blk = dh.DyHeadBlock(C)
+    for conv in (blk.conv_same, blk.conv_finer, blk.conv_coarser):
+        conv.norm = nn.Identity()
+        with torch.no_grad():
+            conv.weight.zero_()
+            conv.weight[torch.arange(C), torch.arange(C), 1, 1] = 1.0
+            conv.bias.zero_()
+    with torch.no_grad():
+        blk.offset.bias[0:18:2] = dy
+        blk.offset.bias[1:18:2] = dx
+        blk.offset.bias[18:] = 30.0  # mask = sigmoid(30) = 1
+
+    def ramp(n):  # level of side n; pixel centres in level-1 units: (i + ½)·8/n − ½
+        c = (torch.arange(n, dtype=torch.float32) + 0.5) * 8 / n - 0.5
+        return (a * c[:, None] + b * c[None, :]).expand(1, C, n, n).contiguous()
+
+    feats = [ramp(16), ramp(8), ramp(4)]
+    torch.testing.assert_close(feats[2], F.avg_pool2d(feats[1], 2))
+    same, finer, coarser = blk.spatial(feats, 1)
+    inner = (slice(None), slice(None), slice(1, 5), slice(1, 5))  # away from the borders' clamping / zeros
+    torch.testing.assert_close(coarser[inner], same[inner], atol=1e-5, rtol=0)
+    torch.testing.assert_close(finer[inner] - same[inner], torch.full_like(same[inner], -(a + b) / 4), atol=1e-5, rtol=0)
+    torch.testing.assert_close(same[0, 0, 2, 2], torch.tensor(a * (2 + dy) + b * (2 + dx)))  # reads p + Δp
+
+
+def test_dynamic_head_paper_size_runs_and_counts_its_parameters():
+    head = dh.DynamicHead(channels=256, num_blocks=6)
+    C = 256
+    per_block = (C * 27 * 9 + 27) + 3 * (C * C * 9 + C + 2 * C) + (C + 1) + (C * 64 + 64) + (64 * 4 * C + 4 * C)
+    assert sum(p.numel() for p in head.parameters()) == 6 * per_block
+    with torch.no_grad():
+        out = head([torch.randn(1, C, s, s) for s in (8, 4, 2, 1, 1)])
+    assert [o.shape[-1] for o in out] == [8, 4, 2, 1, 1] and all(torch.isfinite(o).all() for o in out)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The detector
+
+
+def _detector(text=True, **over):
+    torch.manual_seed(0)
+    backbone = coswin.build("toy")
+    cfg = dh.build_config("toy", channels=32, num_blocks=1, **over)
+    if not text:
+        return dh.Detector(backbone, cfg, num_classes=3)
+    enc = text_encoder.build("toy", vocab_size=300)
+    model = dh.Detector(backbone, cfg, text=dh.TextTower(enc, nn.Linear(enc.num_features, 24, bias=False)))
+    model.set_classes(torch.randn(3, 24))
+    return model
+
+
+def test_atss_positives_lie_inside_their_box_and_prefer_the_fitting_level():
+    model = _detector()
+    sizes = [(16, 16), (8, 8), (4, 4)]
+    points, strides = model.points(sizes, "cpu")
+    boxes = torch.tensor([[10.0, 12, 22, 24], [30, 30, 62, 62]])  # 12 px and 32 px boxes in a 64² image
+    a = model.assign(points, strides, sizes, boxes)
+    for g in range(2):
+        p = points[a == g]
+        assert len(p) > 0
+        assert ((p[:, 0] > boxes[g, 0]) & (p[:, 0] < boxes[g, 2]) & (p[:, 1] > boxes[g, 1]) & (p[:, 1] < boxes[g, 3])).all()
+    assert (strides[a == 0] == 4).all() and (strides[a == 1] >= 8).all()  # anchors 16 px vs 32/64 px
+    assert (model.assign(points, strides, sizes, torch.zeros(0, 4)) == -1).all()
+
+
+def test_loss_is_finite_with_an_image_without_boxes_and_the_classifier_is_text_aligned():
+    model = _detector()
+    x = torch.randn(2, 3, 64, 64)
+    out = model(x)
+    targets = [{"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long)},
+               {"boxes": torch.tensor([[8.0, 8, 20, 20]]), "labels": torch.tensor([2])}]
+    loss, logs = model.loss(out, targets, (64, 64))
+    assert torch.isfinite(loss) and logs["num_pos"] > 0
+    loss.backward()
+    empty, _ = model.loss(model(x), [targets[0], targets[0]], (64, 64))
+    assert torch.isfinite(empty)
+    # logits are τ·cos(region, name) + b: reordering or rescaling the names only reorders the columns
+    v = torch.randn(3, 24)
+    with torch.no_grad():
+        l1 = model(x, v)["cls"]
+        l2 = model(x, 5 * v[[2, 0, 1]])["cls"]
+    torch.testing.assert_close(l2, l1[..., [2, 0, 1]], atol=1e-5, rtol=1e-5)
+    assert float(l1.max() - model.cls_bias.detach()) <= float(model.log_scale.detach().exp()) + 1e-4
+
+
+@pytest.mark.slow
+def test_the_adapter_overfits_one_image():
+    torch.manual_seed(0)
+    model = _detector(text=False)
+    x = torch.randn(1, 3, 64, 64) * 0.2
+    boxes = torch.tensor([[6.0, 6, 20, 18], [34, 10, 54, 30], [12, 38, 30, 58]])
+    labels = torch.tensor([0, 1, 2])
+    for (x1, y1, x2, y2), k in zip(boxes.long().tolist(), labels.tolist()):
+        x[0, k, y1:y2, x1:x2] += 2.0  # each class a colour
+    targets = [{"boxes": boxes, "labels": labels}]
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-3)
+    for _ in range(120):
+        loss, _ = model.loss(model(x), targets, (64, 64))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    pred = model.predict(x)
+    ap = dh.coco_map(pred, [{"boxes": boxes, "labels": labels}])
+    assert ap["AP50"] == 1.0 and ap["AP"] > 0.5, ap
+
+
+# ----------------------------------------------------------------------------------------------------
+# --task detect
+
+
+@pytest.mark.slow
+def test_detect_task_runs_logs_fractions_and_resumes(tmp_path):
+    import train
+
+    flags = ["--task", "detect", "--img_size", "64", "--batch_size", "4", "--eval_size", "8", "--det_channels", "16",
+             "--det_blocks", "1", "--vocab_size", "300", "--log_every", "1", "--progress", "false", "--out_dir",
+             str(tmp_path), "--name", "det", "--eval_every", "100", "--ckpt_every", "100",
+             "--zero_shot_classes", "red cross,blue circle", "--det_classes", "yellow square,a purple thing"]
+    cfg = train.resolved(train.parse_config(flags + ["--max_steps", "2"]))
+    t = train.Trainer(cfg, train.setup_distributed(cfg))
+    metrics = t.fit()
+    assert set(metrics) == {"det_map", "det_map50", "det_zs_map", "det_zs_map50"}
+    assert all(0.0 <= v <= 1.0 for v in metrics.values())
+    assert (tmp_path / "det" / "predictions.png").is_file()
+    rows = [json.loads(line) for line in open(tmp_path / "det" / "metrics.jsonl")]
+    assert rows[0]["bad_boxes"] == 0 and np.isfinite(rows[0]["loss"])
+    assert t.model.class_embed.shape[0] == 18  # 20 classes − 2 held out
+    # resume: the same architecture is rebuilt from the saved recipe, the run goes on
+    cfg = train.resolved(train.parse_config(flags + ["--max_steps", "3", "--resume", "auto"]))
+    t2 = train.Trainer(cfg, train.setup_distributed(cfg))
+    assert t2.step == 2
+    torch.testing.assert_close(t2.model.class_embed, t.model.class_embed)
+    t2.fit()
+    assert t2.step == 3
+
+
+def test_detect_task_rejects_unknown_held_out_classes_and_empty_names(tmp_path):
+    import train
+
+    cfg = train.resolved(train.parse_config(["--task", "detect", "--zero_shot_classes", "red dragon", "--out_dir",
+                                             str(tmp_path)]))
+    with pytest.raises(SystemExit, match="not classes"):
+        train.DetectTask(cfg, train.Dist())

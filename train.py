@@ -57,20 +57,20 @@ class Config:
     stage: int = 1  # UniCL stage 1: short texts wrapped in prompt templates; 2: those texts dropped
     data: str = "synthetic"  # synthetic[:N] | csv:FILE | shards:DIR | folder:DIR (see data/README.md)
     eval_data: str = "synthetic"  # same forms; a folder's class subfolders become the zero-shot classes
-    img_size: int = 0  # 0 = the preset's (64 toy, 224 otherwise); 384 for the paper's last phase
+    img_size: int = 0  # 0 = the preset's (32 toy, 224 otherwise); 384 for the paper's last phase
     window_size: int = 0  # 0 = the image preset's; 12 at 384 (bias tables are resized on --init_from)
     init_from: str = ""  # a checkpoint whose model weights start this run (e.g. the 224 run before 384)
     tokenizer: str = ""  # a tokenizer JSON to use instead of training one on the data
     vocab_size: int = 0  # 0 = the preset's; BPE merges are learned up to this size
     tokenizer_texts: int = 10_000  # training captions the BPE merges are learned from
     # schedule
-    max_steps: int = 700
+    max_steps: int = 1200
     max_minutes: float = 0.0  # > 0: a time budget; the cosine schedule is fitted to it (see Trainer)
     batch_size: int = 64  # global batch per optimiser step
     accum_steps: int = 1
-    lr: float = 2e-3
+    lr: float = 6e-4
     min_lr_ratio: float = 0.02  # cosine decays to lr × this
-    warmup_steps: int = 50
+    warmup_steps: int = 200
     weight_decay: float = 0.1  # AdamW; never on norms, biases, bias tables, embeddings, logit scale
     beta1: float = 0.9
     beta2: float = 0.98
@@ -111,7 +111,7 @@ class Config:
 
 MODEL_PRESETS = {
     # image tower (coswin preset), text tower (text_encoder preset), joint dim, image size, vocabulary
-    "toy": dict(image="toy", text="toy", embed_dim=128, img_size=64, vocab_size=1024),
+    "toy": dict(image="toy", text="toy", embed_dim=128, img_size=32, vocab_size=1024),
     "tiny": dict(image="tiny", text="clip_base", embed_dim=512, img_size=224, vocab_size=49408),
     "base": dict(image="base", text="clip_base", embed_dim=512, img_size=224, vocab_size=49408),
     "florence": dict(image="huge", text="florence", embed_dim=1024, img_size=224, vocab_size=102400),
@@ -1004,6 +1004,11 @@ class VideoTask(Task):
                        video_coswin.build(image_preset, temporal_kernel=cfg.temporal_kernel, **kw))
         encoder.set_grad_checkpointing(cfg.grad_ckpt)
         return video_coswin.VideoClassifier(encoder, len(self.classes), middle_frame=cfg.video_input == "middle_frame")
+
+    def init_from(self, model, ckpt, path):
+        """A --task video checkpoint (a pretraining one was inflated in build_model): every weight, same shapes."""
+        check_compatible(model.state_dict(), ckpt["model"], path)
+        model.load_state_dict(ckpt["model"])
 
     def fsdp_wrap_classes(self):
         import coswin

@@ -93,6 +93,14 @@ class Config:
     det_classifier: str = "text"  # text: region · class-name embeddings (zero-shot capable) | fixed: a logit per class
     zero_shot_classes: str = ""  # comma-separated class names left out of detection training, evaluated zero-shot
     det_classes: str = ""  # comma-separated names (any words) to detect in predictions.png; default: all classes
+    # --task itm_mlm / vqa (issue 8, meter.py: METER co-attention fusion on the pretrained towers, paper §2.5)
+    meter_preset: str = ""  # "" = toy for --preset toy, else florence (6 layers × 768 × 12 heads)
+    meter_layers: int = 0  # 0 = the METER preset's co-attention layers per modality
+    meter_hidden: int = 0  # 0 = the METER preset's fusion width
+    meter_heads: int = 0  # 0 = the METER preset's
+    meter_levels: str = ""  # "" = the preset's CoSwin stages whose tokens enter the fusion, e.g. "2,3"
+    mlm_prob: float = 0.15  # MLM: share of real tokens chosen (then 80/10/10 mask/random/keep)
+    vqa_blind: bool = False  # image-blind ablation: image features zeroed before the fusion
     # evaluation, logging, checkpoints
     eval_every: int = 250
     eval_size: int = 1000  # held-out samples for evaluation (synthetic / capped for files)

@@ -901,6 +901,426 @@ class DetectTask(Task):
         return path
 
 
+# ----------------------------------------------------------------------------------------------------
+# --task itm_mlm / vqa: METER fine-grained adapter (paper §2.5, meter.py) on the pretrained towers (issue 8)
+#
+#   python train.py --name pretrain-toy                                         # 1. the towers (UniCL, toy)
+#   python train.py --task itm_mlm --init_from runs/pretrain-toy/ckpt.pt        # 2. (optional) fusion pretraining
+#   python train.py --task vqa --init_from runs/pretrain-toy/ckpt.pt            # 3. VQA on ShapesVQA: vqa_score
+#   python train.py --task vqa --init_from runs/pretrain-toy/ckpt.pt --vqa_blind --name vqa-blind   # ablation
+#   (step 3 may start from step 2's runs/itm_mlm-toy/ckpt.pt instead; VQA v2: --data and --eval_data
+#    vqa:QUESTIONS.json,ANNOTATIONS.json,IMAGES/)
+
+
+class MeterTask(Task):
+    """Shared by `itm_mlm` and `vqa`: METER co-attention fusion (meter.py) on the towers of a `--task
+    pretrain` checkpoint (`--init_from`). The pretrained text tower is causal; METER's is bidirectional, so
+    its weights are loaded unchanged into a `TextEncoder(causal=False)` (only the attention mask differs)
+    and the Florence projections are dropped. `--init_from` may also be an itm_mlm / vqa checkpoint (every
+    weight of the same shape is taken; heads of another size start fresh). Without --init_from the towers
+    are built fresh from --preset and a tokenizer is learned on the training texts.
+
+    Counted, never silent: texts longer than the context (cut, `truncated_texts`), and for VQA questions whose
+    every annotator answer is outside the answer vocabulary (left out of the loss, `oov_questions`; they
+    score 0 in evaluation)."""
+
+    data_task = "pretrain"
+
+    def __init__(self, cfg: Config, d: Dist):
+        super().__init__(cfg, d)
+        import data as data_lib
+
+        self.data_lib = data_lib
+        self.tokenizer = None
+        self.truncated = 0
+        self._train = self._dataset(cfg.data, "train")
+        self._eval = None
+
+    def _dataset(self, spec: str, split: str, **kw):
+        try:
+            return self.data_lib.build_dataset(spec, split=split, img_size=self.cfg.img_size, task=self.data_task,
+                                               seed=self.cfg.seed, **kw)
+        except (ValueError, OSError) as e:
+            raise SystemExit(f"train.py: cannot build the {self.data_task} data {spec!r}: {e}") from None
+
+    def train_dataset(self):
+        return self._train
+
+    def eval_dataset(self):
+        if self._eval is None:
+            synthetic = self.cfg.eval_data.split(":")[0].split("?")[0].strip() == "synthetic"
+            if synthetic and not self.cfg.data.startswith("synthetic"):
+                raise SystemExit(f"train.py: --data {self.cfg.data!r} is a file but --eval_data is synthetic; give "
+                                 f"held-out data of the same kind with --eval_data")
+            self._eval = self._dataset(self.cfg.eval_data, "val", **self._eval_options(synthetic))
+        return self._eval
+
+    def _eval_options(self, synthetic: bool) -> dict:
+        return {"length": self.cfg.eval_size} if synthetic else {}
+
+    def texts(self, sample_scene: dict) -> str:  # the text of a sample (or a synthetic scene) for the tokenizer
+        return sample_scene["text"]
+
+    def tokenize(self, texts: list[str]) -> torch.Tensor:
+        L = self.context_length
+        self.truncated += sum(len(self.tokenizer.encode(t)) > L - 2 for t in texts)
+        return self.tokenizer(texts, L)
+
+    # -- model -----------------------------------------------------------------------------------------
+    def _tokenizer_for_fresh_towers(self):
+        from text_encoder import Tokenizer
+
+        if self.tokenizer is not None:  # resumed, or carried by a METER checkpoint
+            return self.tokenizer
+        if self.cfg.tokenizer:
+            return Tokenizer.load(self.cfg.tokenizer)
+        ds, limit = self._train, self.cfg.tokenizer_texts
+        step = max(1, len(ds) // limit) if hasattr(ds, "__len__") else 1
+        corpus = []
+        for i in range(0, min(len(ds), limit * step), step):
+            s = ds.scene(i) if hasattr(ds, "scene") else ds[i]
+            if s is not None:
+                corpus.append(self.texts(s))
+        return Tokenizer.train(corpus, self.cfg.vocab_size)
+
+    def meter_overrides(self) -> dict:
+        cfg = self.cfg
+        kw = {}
+        if cfg.meter_layers:
+            kw["layers"] = cfg.meter_layers
+        if cfg.meter_hidden:
+            kw["hidden"] = cfg.meter_hidden
+        if cfg.meter_heads:
+            kw["heads"] = cfg.meter_heads
+        if cfg.meter_levels:
+            kw["image_levels"] = tuple(int(v) for v in cfg.meter_levels.split(","))
+        return kw
+
+    def build_model(self) -> nn.Module:
+        import coswin
+        import meter
+        import text_encoder
+
+        cfg, ckpt = self.cfg, self.init_checkpoint
+        source = json.loads(ckpt.get("config", "{}")).get("task") if ckpt is not None else None
+        if source == "pretrain":
+            florence, self.tokenizer, pcfg = build_pretrained(ckpt)
+            if pcfg.preset != cfg.preset:
+                raise SystemExit(f"train.py: --init_from holds a --preset {pcfg.preset} model; pass --preset "
+                                 f"{pcfg.preset} so that checkpoints of this run resume with the same shapes")
+            image = florence.image_encoder
+            causal = florence.text_encoder
+            text = text_encoder.TextEncoder(dataclasses.replace(causal.cfg, causal=False))
+            text.load_state_dict(causal.state_dict())  # the same weights, now attending both ways
+            self.init_checkpoint = None  # taken here; nothing left for init_from()
+        else:
+            if ckpt is not None:
+                if source not in ("itm_mlm", "vqa"):
+                    raise SystemExit(f"train.py: --init_from holds a --task {source} checkpoint; METER starts from "
+                                     "a --task pretrain (or itm_mlm / vqa) checkpoint")
+                MeterTask.load_state_dict(self, ckpt.get("task", {}))  # its tokenizer
+            self.tokenizer = self._tokenizer_for_fresh_towers()
+            mp = MODEL_PRESETS[cfg.preset]
+            kw = {"window_size": cfg.window_size} if cfg.window_size else {}
+            if cfg.drop_path >= 0:
+                kw["drop_path_rate"] = cfg.drop_path
+            image = coswin.build(mp["image"], **kw)
+            text = text_encoder.build(mp["text"], vocab_size=self.tokenizer.vocab_size, causal=False)
+        image.set_grad_checkpointing(cfg.grad_ckpt)
+        text.grad_checkpointing = cfg.grad_ckpt
+        self.context_length = text.cfg.context_length
+        if self.dist.main and cfg.name:
+            os.makedirs(os.path.join(cfg.out_dir, cfg.name), exist_ok=True)
+            self.tokenizer.save(os.path.join(cfg.out_dir, cfg.name, "tokenizer.json"))
+        preset = cfg.meter_preset or ("toy" if cfg.preset == "toy" else "florence")
+        return meter.build(preset, image, text, **self.meter_overrides(), **self.heads())
+
+    def heads(self) -> dict:
+        return {}
+
+    def init_from(self, model, ckpt, path, drop: tuple = ()):
+        """A METER checkpoint: every weight of the same name and shape (except names starting with `drop`);
+        the rest (e.g. a head of another size) starts fresh and is listed."""
+        own = model.state_dict()
+        sd = {k: v for k, v in ckpt["model"].items()
+              if k in own and v.shape == own[k].shape and not k.startswith(tuple(drop))}
+        if not any(k.startswith("text_layers.") for k in sd):
+            raise SystemExit(f"train.py: {path!r} holds no METER fusion of this shape; pass the --meter_* flags it "
+                             "was trained with, or start from a --task pretrain checkpoint")
+        fresh = sorted(set(own) - set(sd))
+        model.load_state_dict(sd, strict=False)
+        if fresh and self.dist.main:
+            tqdm.write(f"--init_from: {len(fresh)} tensors start fresh ({', '.join(fresh[:4])}"
+                       f"{', …' if len(fresh) > 4 else ''})")
+
+    def fsdp_wrap_classes(self):
+        import coswin
+        import meter
+        import text_encoder
+
+        return {coswin.SwinBlock, text_encoder.Block, meter.CoAttentionLayer}
+
+    def state_dict(self):
+        return {"tokenizer_merges": [list(m) for m in self.tokenizer.merges]}
+
+    def load_state_dict(self, sd):
+        from text_encoder import Tokenizer
+
+        if "tokenizer_merges" in sd:
+            self.tokenizer = Tokenizer([tuple(m) for m in sd["tokenizer_merges"]])
+
+
+@register_task("itm_mlm")
+class ITMMLMTask(MeterTask):
+    """METER's fusion pretraining on image–caption pairs (ShapesText by default): image–text matching (half
+    the images swapped) + masked language modelling (`--mlm_prob` of the real tokens, 80/10/10), one forward.
+    Metrics on held-out pairs (fixed masks and swaps): `itm_accuracy`, `mlm_accuracy`."""
+
+    defaults = dict(batch_size=64, lr=5e-4, weight_decay=0.01, warmup_steps=50, max_steps=600, max_minutes=10.0,
+                    eval_every=200, eval_size=500, ckpt_every=200)
+
+    def collate(self, samples):
+        return self.data_lib.collate_image_text(samples)
+
+    def loss(self, model, batch, step):
+        import meter
+
+        if "image" not in batch:  # every sample of this micro-batch was unreadable (counted under "skipped")
+            return sum(p.sum() for p in model.parameters()) * 0.0, {}
+        dev = self.dist.device
+        tokens = self.tokenize(batch["text"]).to(dev, non_blocking=True)
+        loss, logs = meter.itm_mlm_loss(model, batch["image"].to(dev, non_blocking=True), tokens, batch["text"],
+                                        self.tokenizer.mask_id, self.tokenizer.vocab_size, prob=self.cfg.mlm_prob)
+        return loss, {**logs, "truncated_texts": self.truncated}
+
+    @torch.no_grad()
+    def _eval_batches(self, model, max_n: int):
+        """Held-out batches with their fixed masks / swaps → (images, texts, tokens, out, labels, itm_label)."""
+        import meter
+
+        g = torch.Generator().manual_seed(self.cfg.seed + 12345)  # the same masks every evaluation; no global RNG
+        loader = DataLoader(self.eval_dataset(), batch_size=128, shuffle=False, collate_fn=self.collate,
+                            num_workers=0, generator=torch.Generator())
+        seen = 0
+        for batch in loader:
+            if "image" not in batch:
+                continue
+            dev = self.dist.device
+            tokens = self.tokenizer(batch["text"], self.context_length)
+            masked, labels = meter.mask_tokens(tokens, self.tokenizer.vocab_size, self.tokenizer.mask_id,
+                                               prob=self.cfg.mlm_prob, generator=g)
+            index, itm_label = meter.itm_pairs(batch["text"], g)
+            B = len(tokens)
+            all_labels = torch.cat([labels, torch.full_like(labels, -100)])
+            out = model(batch["image"].to(dev), torch.cat([masked, tokens]).to(dev),
+                        image_index=torch.cat([torch.arange(B), index]).to(dev), mlm_labels=all_labels.to(dev))
+            yield batch, masked, labels, out, itm_label
+            seen += B
+            if seen >= max_n:
+                break
+
+    def evaluate(self, model, step):
+        was = model.training
+        model.eval()
+        itm_ok = itm_n = mlm_ok = mlm_n = 0
+        try:
+            for batch, _, labels, out, itm_label in self._eval_batches(model, self.cfg.eval_size):
+                B = len(itm_label)
+                itm_ok += int((out["itm"][B:].argmax(-1).cpu() == itm_label).sum())
+                itm_n += B
+                target = labels[labels != -100]
+                mlm_ok += int((out["mlm"].argmax(-1).cpu() == target).sum())
+                mlm_n += len(target)
+        finally:
+            model.train(was)
+        return {"itm_accuracy": itm_ok / max(1, itm_n), "mlm_accuracy": mlm_ok / max(1, mlm_n)}
+
+    def visualise(self, model, run_dir):
+        """predictions.png: held-out images with the caption, the masked caption, the model's filling, and its
+        match probability for the true caption."""
+        from data.transforms import denormalize
+
+        was = model.training
+        model.eval()
+        try:
+            batch, masked, labels, out, _ = next(iter(self._eval_batches(model, 8)))
+        finally:
+            model.train(was)
+        if not self.dist.main:
+            return None
+        n = min(8, len(masked))
+        preds = out["mlm"].argmax(-1).cpu()
+        filled = masked.clone()
+        filled[labels != -100] = preds
+        with torch.no_grad():  # P(match) for each image with its own caption (unmasked)
+            own = model(batch["image"][:n].to(self.dist.device), self.tokenizer(batch["text"][:n], self.context_length)
+                        .to(self.dist.device))["itm"].float().softmax(-1)[:, 1].cpu()
+        tile, width = 96, 560
+        canvas = Image.new("RGB", (width, n * (tile + 4) + 4), "white")
+        draw, font = ImageDraw.Draw(canvas), _draw_font(12)
+
+        def show(ids):
+            return "".join("[mask]" if i == self.tokenizer.mask_id else self.tokenizer.decode([i]) for i in ids.tolist()
+                           if i not in (self.tokenizer.pad_id, self.tokenizer.sot_id, self.tokenizer.eot_id))
+
+        for i in range(n):
+            y0 = i * (tile + 4) + 4
+            img = (denormalize(batch["image"][i]).clamp(0, 1) * 255).byte().permute(1, 2, 0).numpy()
+            canvas.paste(Image.fromarray(img).resize((tile, tile), Image.NEAREST), (4, y0))
+            chosen = labels[i] != -100
+            ok = bool((filled[i][chosen] == labels[i][chosen]).all())
+            lines = [(f"caption: {batch['text'][i]}", (0, 0, 0)), (f"masked:  {show(masked[i])}", (90, 90, 90)),
+                     (f"filled:  {show(filled[i])}", (0, 140, 0) if ok else (200, 0, 0)),
+                     (f"P(match) = {float(own[i]):.0%}", (0, 140, 0) if own[i] > 0.5 else (200, 0, 0))]
+            for r, (line, colour) in enumerate(lines):
+                draw.text((tile + 12, y0 + 4 + r * 18), line[:80], fill=colour, font=font)
+        path = os.path.join(run_dir, "predictions.png")
+        canvas.save(path)
+        return path
+
+
+@register_task("vqa")
+class VQATask(MeterTask):
+    """VQA fine-tuning (ShapesVQA, or VQA v2 JSON via `--data vqa:QUESTIONS.json,ANNOTATIONS.json,IMAGES/`):
+    the two pooled vectors concatenated → MLP → answers, BCE against the annotators' soft scores (summed over
+    answers, averaged over the batch). Metric `vqa_score`: the soft score of the arg-max answer on held-out
+    questions (plus `vqa_score_<type>` per ShapesVQA question type). `--vqa_blind`: the image features are
+    zeroed (and the image tower frozen) — the image-blind ablation; give it its own --name.
+
+    Defaults (below) fit the CPU: ShapesVQA at 64², batch 64, a 12-minute cosine schedule."""
+
+    data_task = "vqa"
+    defaults = dict(batch_size=64, lr=5e-4, weight_decay=0.01, warmup_steps=50, max_steps=2000, max_minutes=12.0,
+                    eval_every=200, eval_size=1000, ckpt_every=200)
+
+    def __init__(self, cfg: Config, d: Dist):
+        super().__init__(cfg, d)
+        self.answers = list(getattr(self._train, "answers", None) or [])
+        if not self.answers:
+            raise SystemExit(f"train.py: --data {cfg.data!r} has no answer vocabulary; give VQA annotations "
+                             "(vqa:QUESTIONS.json,ANNOTATIONS.json[,IMAGES]) or synthetic")
+        self.oov = 0
+
+    def _eval_options(self, synthetic: bool) -> dict:
+        return {"length": self.cfg.eval_size} if synthetic else {"answers": self.answers}  # the training vocabulary
+
+    def texts(self, s):
+        return s["question"]
+
+    def heads(self):
+        return {"pretrain_heads": False, "num_answers": len(self.answers)}
+
+    def build_model(self):
+        model = super().build_model()
+        if self.cfg.vqa_blind:  # no gradient reaches the image tower: freeze it (DDP needs every used weight to get one)
+            model.image_encoder.requires_grad_(False)
+        return model
+
+    def collate(self, samples):
+        batch = self.data_lib.collate_vqa(samples)
+        if "image" in batch:
+            batch["question_type"] = [s.get("question_type", "") for s in samples if s is not None]
+        return batch
+
+    def loss(self, model, batch, step):
+        import meter
+
+        if "image" not in batch:  # every sample of this micro-batch was unreadable (counted under "skipped")
+            return sum(p.sum() for p in model.parameters() if p.requires_grad) * 0.0, {}
+        dev = self.dist.device
+        tokens = self.tokenize(batch["question"]).to(dev, non_blocking=True)
+        target = batch["target"].to(dev)
+        logits = model(batch["image"].to(dev, non_blocking=True), tokens, blind=self.cfg.vqa_blind)["vqa"]
+        known = target.sum(dim=1) > 0  # some annotator answer is in the vocabulary
+        self.oov += int((~known).sum())
+        loss = meter.vqa_loss(logits[known], target[known]) if bool(known.any()) else logits.sum() * 0.0
+        return loss, {"train_vqa_score": float(meter.vqa_metric(logits.detach(), target).mean()),
+                      "truncated_texts": self.truncated, "oov_questions": self.oov}
+
+    @torch.no_grad()
+    def predict(self, model, max_n: int):
+        """Held-out (probabilities (N, A), soft targets (N, A), question types, questions, first ≤ 12 images)."""
+        loader = DataLoader(self.eval_dataset(), batch_size=128, shuffle=False, collate_fn=self.collate,
+                            num_workers=0, generator=torch.Generator())
+        probs, targets, qtypes, questions, images = [], [], [], [], []
+        was = model.training
+        model.eval()
+        try:
+            for batch in loader:
+                if "image" not in batch:
+                    continue
+                tokens = self.tokenizer(batch["question"], self.context_length).to(self.dist.device)
+                logits = model(batch["image"].to(self.dist.device), tokens, blind=self.cfg.vqa_blind)["vqa"]
+                probs.append(logits.float().sigmoid().cpu())
+                targets.append(batch["target"])
+                qtypes += batch["question_type"]
+                questions += batch["question"]
+                images.append(batch["image"][:max(0, 12 - sum(len(i) for i in images))])
+                if sum(len(p) for p in probs) >= max_n:
+                    break
+        finally:
+            model.train(was)
+        if not probs:
+            raise SystemExit(f"train.py: no readable held-out question in --eval_data {self.cfg.eval_data!r}")
+        return torch.cat(probs), torch.cat(targets), qtypes, questions, torch.cat(images)
+
+    def evaluate(self, model, step):
+        import meter
+
+        probs, targets, qtypes, _, _ = self.predict(model, self.cfg.eval_size)
+        scores = meter.vqa_metric(probs, targets)  # (N,)
+        out = {"vqa_score": float(scores.mean())}
+        for qt in sorted(set(qtypes) - {""}):
+            out[f"vqa_score_{qt}"] = float(scores[torch.tensor([q == qt for q in qtypes])].mean())
+        return out
+
+    def visualise(self, model, run_dir):
+        """predictions.png: held-out images with the question, the predicted answer (its probability and soft
+        score; green when it scores) and the annotators' best answer."""
+        from data.transforms import denormalize
+
+        probs, targets, _, questions, images = self.predict(model, 12)
+        if not self.dist.main:
+            return None
+        n, cols, tile, text_h = min(12, len(images)), 4, 160, 62
+        rows = math.ceil(n / cols)
+        canvas = Image.new("RGB", (cols * tile, rows * (tile + text_h)), "white")
+        draw, font = ImageDraw.Draw(canvas), _draw_font(11)
+        for i in range(n):
+            x0, y0 = (i % cols) * tile, (i // cols) * (tile + text_h)
+            img = (denormalize(images[i]).clamp(0, 1) * 255).byte().permute(1, 2, 0).numpy()
+            canvas.paste(Image.fromarray(img).resize((tile - 8, tile - 8), Image.NEAREST), (x0 + 4, y0 + 4))
+            p, k = probs[i].max(-1)
+            true = int(targets[i].argmax())
+            score = float(targets[i, k])
+            q = questions[i]
+            cut = q.rfind(" ", 0, 28) if len(q) > 28 else len(q)
+            lines = [(q[:cut], (0, 0, 0)), (q[cut:].strip()[:28], (0, 0, 0)),
+                     (f"pred: {self.answers[int(k)]} {float(p):.0%} (score {score:.1f})",
+                      (0, 140, 0) if score > 0 else (200, 0, 0)),
+                     (f"true: {self.answers[true]}" if targets[i].max() > 0 else "true: (not in the vocabulary)",
+                      (90, 90, 90))]
+            for r, (line, colour) in enumerate(lines):
+                draw.text((x0 + 4, y0 + tile + r * 14), line, fill=colour, font=font)
+        path = os.path.join(run_dir, "predictions.png")
+        canvas.save(path)
+        return path
+
+    def init_from(self, model, ckpt, path, drop=()):
+        theirs = ckpt.get("task", {}).get("answers")
+        same = theirs is None or list(theirs) == self.answers
+        super().init_from(model, ckpt, path, drop=tuple(drop) + (() if same else ("vqa_head.",)))
+
+    def state_dict(self):
+        return {**super().state_dict(), "answers": list(self.answers)}
+
+    def load_state_dict(self, sd):  # on --resume
+        super().load_state_dict(sd)
+        if sd.get("answers") is not None and list(sd["answers"]) != self.answers:
+            raise SystemExit(f"train.py: the checkpoint's answer vocabulary ({len(sd['answers'])} answers) differs "
+                             f"from that of --data {self.cfg.data!r} ({len(self.answers)}); resume with the same data")
+
+
 def build_pretrained(ckpt: dict | str, device="cpu"):
     """A `--task pretrain` checkpoint (dict or path) → (Florence model with its weights, Tokenizer, Config).
 

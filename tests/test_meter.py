@@ -294,3 +294,99 @@ def test_the_model_overfits_a_single_vqa_batch():
         score = meter.vqa_metric(m(batch["image"], tokens)["vqa"], t).mean()
     assert losses[-1] - floor < 0.05 * (losses[0] - floor)
     assert abs(float(score) - float(t.max(dim=1).values.mean())) < 1e-6  # each question's best answer
+
+
+# ----------------------------------------------------------------------------------------------------
+# train.py: --task itm_mlm / vqa from a pretraining checkpoint
+
+FAST = ["--img_size", "32", "--batch_size", "8", "--eval_size", "16", "--warmup_steps", "2", "--tokenizer_texts", "300",
+        "--log_every", "1", "--progress", "false", "--max_minutes", "0", "--eval_every", "100"]
+
+
+def make_trainer(tmp_path, *flags, name):
+    from train import Trainer, parse_config, resolved, setup_distributed
+
+    cfg = resolved(parse_config(FAST + ["--out_dir", str(tmp_path), "--name", name] + list(flags)))
+    return Trainer(cfg, setup_distributed(cfg))
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    """A one-step toy pretraining run: its checkpoint holds the (causal) towers and the tokenizer."""
+    tmp = tmp_path_factory.mktemp("pre")
+    t = make_trainer(tmp, "--task", "pretrain", "--max_steps", "1", name="pre")
+    t.fit()
+    return str(tmp / "pre" / "ckpt.pt"), t.model
+
+
+def rows(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as fh:
+        return [json.loads(line) for line in fh]
+
+
+def test_vqa_task_starts_from_the_pretrained_towers_with_a_bidirectional_text_tower(tmp_path, pretrained):
+    ckpt, florence = pretrained
+    t = make_trainer(tmp_path, "--task", "vqa", "--init_from", ckpt, "--max_steps", "2", "--ckpt_every", "1", name="vqa")
+    m = t.model
+    assert m.text_encoder.cfg.causal is False and florence.text_encoder.cfg.causal is True
+    for mine, theirs in ((m.text_encoder, florence.text_encoder), (m.image_encoder, florence.image_encoder)):
+        for (k, a), (_, b) in zip(mine.state_dict().items(), theirs.state_dict().items()):
+            torch.testing.assert_close(a, b, rtol=0, atol=0, msg=k)
+    assert m.vqa_head[-1].out_features == len(ShapesVQA.answers) and m.itm_head is None
+    metrics = t.fit()
+    run = tmp_path / "vqa"
+    assert (run / "predictions.png").is_file() and (run / "ckpt.pt").is_file()
+    assert 0.0 <= metrics["vqa_score"] <= 1.0 and "vqa_score_colour" in metrics
+    end = rows(run)[-1]
+    assert end["event"] == "end" and 0.0 <= end["vqa_score"] <= 1.0
+    # resume: the task state (tokenizer, answers) travels with the checkpoint
+    r = make_trainer(tmp_path, "--task", "vqa", "--max_steps", "3", "--resume", "auto", name="vqa")
+    assert r.step == 2
+    for (k, a), b in zip(r.model.state_dict().items(), m.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=k)
+
+
+def test_vqa_blind_ablation_ignores_the_image(tmp_path, pretrained):
+    t = make_trainer(tmp_path, "--task", "vqa", "--init_from", pretrained[0], "--max_steps", "1", "--vqa_blind",
+                     name="blind")
+    m = t.model.eval()
+    assert not any(p.requires_grad for p in m.image_encoder.parameters())
+    tokens = t.task.tokenize(["what colour is the circle?"] * 2)
+    with torch.no_grad():
+        a = m(torch.randn(2, 3, 32, 32), tokens, blind=True)["vqa"]
+        b = m(torch.randn(2, 3, 32, 32), tokens, blind=True)["vqa"]
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_long_questions_and_out_of_vocabulary_answers_are_counted(tmp_path, pretrained):
+    import meter
+
+    t = make_trainer(tmp_path, "--task", "vqa", "--init_from", pretrained[0], "--max_steps", "1", name="bad")
+    t.task.tokenize(["is there a red circle?", "is there " + "a very " * 40 + "red circle?"])
+    assert t.task.truncated == 1
+    ds = ShapesVQA("train", img_size=32, length=4)
+    batch = t.task.collate([ds[i] for i in range(4)])
+    batch["target"][1] = 0.0  # every annotator answer outside the vocabulary
+    t.model.eval()
+    torch.manual_seed(0)
+    loss, logs = t.task.loss(t.model, batch, 0)
+    assert logs["oov_questions"] == 1
+    tokens = t.task.tokenizer(batch["question"], t.task.context_length)
+    logits = t.model(batch["image"], tokens)["vqa"]
+    keep = torch.tensor([True, False, True, True])
+    torch.testing.assert_close(loss, meter.vqa_loss(logits[keep], batch["target"][keep]))
+
+
+def test_itm_mlm_run_then_vqa_from_its_checkpoint(tmp_path, pretrained):
+    t = make_trainer(tmp_path, "--task", "itm_mlm", "--init_from", pretrained[0], "--max_steps", "2", name="itm")
+    metrics = t.fit()
+    assert 0.0 <= metrics["itm_accuracy"] <= 1.0 and 0.0 <= metrics["mlm_accuracy"] <= 1.0
+    assert (tmp_path / "itm" / "predictions.png").is_file()
+    assert all(k in r for r in rows(tmp_path / "itm") if "loss" in r for k in ("mlm_loss", "itm_loss"))
+    v = make_trainer(tmp_path, "--task", "vqa", "--init_from", str(tmp_path / "itm" / "ckpt.pt"), "--max_steps", "1",
+                     name="v2")
+    theirs = t.model.state_dict()
+    for k, a in v.model.state_dict().items():
+        if not k.startswith("vqa_head"):
+            torch.testing.assert_close(a, theirs[k], rtol=0, atol=0, msg=k)
+    assert v.task.tokenizer.merges == t.task.tokenizer.merges

@@ -660,6 +660,9 @@ class DetectTask(Task):
     predictions.png: held-out images, ground truth in grey, detections with names and scores."""
 
     metrics = ("det_map", "det_map50")
+    # the toy detection run: 64² ShapesDetection (objects of 8–19 px), a schedule fitted to 12 minutes
+    defaults = dict(img_size=64, batch_size=32, lr=1e-3, warmup_steps=50, weight_decay=0.05, max_steps=3000,
+                    max_minutes=12.0, eval_every=500, eval_size=500, ckpt_every=500)
 
     def __init__(self, cfg: Config, d: Dist):
         super().__init__(cfg, d)

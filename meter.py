@@ -6,6 +6,7 @@ towers of Florence (coswin.CoSwin, text_encoder.TextEncoder with causal=False); 
 methods are called (`forward_features`, `forward_tokens`).
 
     image x ─► CoSwin.forward_features ─► tokens of the chosen stages (B, N, C_i) ─► LN, W_v ─┐
+                                  + W_pos · 2D sine-cosine position of each token (our addition) │
     text t  ─► TextEncoder.forward_tokens (bidirectional, padding mask) (B, L, C) ─► W_t ─────┤
                                                                 + modality-type embeddings ──┘
     co-attention layer k = 1..K, both streams from layer k−1's outputs (METER's "co-attention"):
@@ -38,6 +39,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 from dataclasses import dataclass
 
 import torch
@@ -64,6 +66,7 @@ class METERConfig:
     mlp_ratio: float = 4.0  # FFN 3072 at hidden 768
     dropout: float = 0.1  # attention / residual dropout (BERT's 0.1)
     image_levels: tuple = (-1,)  # CoSwin stages whose tokens enter the fusion; -1 = the last (METER)
+    image_pos: bool = True  # add 2D sine-cosine positions to the image tokens (see `sincos_2d`)
     cross_attention: bool = True  # False: each stream sees only itself (an ablation; tests use it)
     pretrain_heads: bool = True  # the ITM and MLM heads (fusion pretraining); off for VQA fine-tuning
     num_answers: int = 0  # > 0: a VQA head over this many answers
@@ -183,14 +186,16 @@ class METER(nn.Module):
 
     def __init__(self, image_encoder: nn.Module, text_encoder: nn.Module, hidden: int = 768, layers: int = 6,
                  heads: int = 12, mlp_ratio: float = 4.0, dropout: float = 0.1, image_levels=(-1,),
-                 cross_attention: bool = True, pretrain_heads: bool = True, num_answers: int = 0,
-                 vocab_size: int = 0):
+                 image_pos: bool = True, cross_attention: bool = True, pretrain_heads: bool = True,
+                 num_answers: int = 0, vocab_size: int = 0):
         super().__init__()
         if getattr(getattr(text_encoder, "cfg", None), "causal", False):
             raise ValueError("METER needs a bidirectional text encoder; build it with causal=False (the weights of "
                              "a causal tower load unchanged: TextEncoder(replace(cfg, causal=False)))")
-        self.cfg = METERConfig(hidden, layers, heads, mlp_ratio, dropout, tuple(image_levels), cross_attention,
-                               pretrain_heads, num_answers, vocab_size or text_encoder.cfg.vocab_size)
+        self.cfg = METERConfig(hidden=hidden, layers=layers, heads=heads, mlp_ratio=mlp_ratio, dropout=dropout,
+                               image_levels=tuple(image_levels), image_pos=image_pos, cross_attention=cross_attention,
+                               pretrain_heads=pretrain_heads, num_answers=num_answers,
+                               vocab_size=vocab_size or text_encoder.cfg.vocab_size)
         self.image_encoder, self.text_encoder = image_encoder, text_encoder
         n_stages = len(image_encoder.cfg.depths)
         self.levels = sorted({lvl % n_stages for lvl in self.cfg.image_levels})
@@ -198,6 +203,7 @@ class METER(nn.Module):
         # W_v per chosen stage (a LayerNorm first: only the last CoSwin map is normalised), W_t for text
         self.image_proj = nn.ModuleList(nn.Sequential(nn.LayerNorm(dims[i]), nn.Linear(dims[i], hidden))
                                         for i in self.levels)
+        self.image_pos_proj = nn.Linear(4 * POS_FREQS, hidden) if image_pos else None  # W_pos: sincos → hidden
         self.text_proj = nn.Linear(text_encoder.num_features, hidden)
         self.type_embedding = nn.Embedding(2, hidden)  # 0: text, 1: image
         self.text_layers = nn.ModuleList(CoAttentionLayer(hidden, heads, mlp_ratio, dropout, cross_attention)
@@ -225,8 +231,12 @@ class METER(nn.Module):
             maps = self.image_encoder.forward_features(images)
         tokens = []
         for proj, i in zip(self.image_proj, self.levels):
+            h, w = maps[i].shape[-2:]
             t = rearrange(maps[i], "b c h w -> b (h w) c")
-            tokens.append(proj(torch.zeros_like(t) if blind else t))
+            t = proj(torch.zeros_like(t) if blind else t)  # (B, h·w, hidden)
+            if self.image_pos_proj is not None and not blind:
+                t = t + self.image_pos_proj(sincos_2d(h, w, POS_FREQS, t.device, t.dtype))
+            tokens.append(t)
         return torch.cat(tokens, dim=1)
 
     def text_features(self, tokens: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -268,6 +278,26 @@ class METER(nn.Module):
         if self.vqa_head is not None:
             out["vqa"] = self.vqa_head(out["pooled"])
         return out
+
+
+POS_FREQS = 6  # frequencies π·2^k, k = 0..5: enough to tell apart the cells of a 32 × 32 grid
+
+
+def sincos_2d(h: int, w: int, n_freq: int, device=None, dtype=torch.float32) -> torch.Tensor:
+    """Fixed positions of an h × w grid of image tokens → (h·w, 4·n_freq), row-major like the tokens.
+
+    Cell centres in image coordinates u = (i + ½)/h, v = (j + ½)/w ∈ (0, 1), so tokens of different CoSwin
+    stages at the same place get the same code; features [sin(π 2^k u), cos(π 2^k u), sin(π 2^k v),
+    cos(π 2^k v)]_k. Why: CoSwin has only window-relative position biases and METER's ViT backbones carry
+    absolute position embeddings into the fusion; relations such as "left of" need them (the same sine-
+    cosine idea as MAE's `get_2d_sincos_pos_embed`, facebookresearch/mae util/pos_embed.py, in [0, 1]
+    coordinates and followed by a learned projection W_pos)."""
+    u = (torch.arange(h, device=device, dtype=torch.float32) + 0.5) / h
+    v = (torch.arange(w, device=device, dtype=torch.float32) + 0.5) / w
+    f = math.pi * 2.0 ** torch.arange(n_freq, device=device, dtype=torch.float32)  # (K,)
+    uu, vv = torch.meshgrid(u, v, indexing="ij")  # (h, w)
+    ang_u, ang_v = uu.reshape(-1, 1) * f, vv.reshape(-1, 1) * f  # (h·w, K)
+    return torch.cat([ang_u.sin(), ang_u.cos(), ang_v.sin(), ang_v.cos()], dim=1).to(dtype)
 
 
 def _bert_init(m: nn.Module):

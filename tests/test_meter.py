@@ -133,6 +133,18 @@ def test_co_attention_layer_is_post_ln_self_then_cross_then_ffn():
         torch.testing.assert_close(layer(x, other, None, other_mask), h, rtol=1e-5, atol=1e-5)
 
 
+def test_sincos_positions_are_row_major_image_coordinates():
+    pe = meter.sincos_2d(2, 3, 2)  # (6, 8): [sin πu, sin 2πu, cos πu, cos 2πu, sin πv, sin 2πv, cos πv, cos 2πv]
+    u, v = 0.25, 0.5  # token 1 = row 0, column 1: cell centre ((0 + ½)/2, (1 + ½)/3)
+    ref = [math.sin(math.pi * u), math.sin(2 * math.pi * u), math.cos(math.pi * u), math.cos(2 * math.pi * u),
+           math.sin(math.pi * v), math.sin(2 * math.pi * v), math.cos(math.pi * v), math.cos(2 * math.pi * v)]
+    torch.testing.assert_close(pe[1], torch.tensor(ref))
+    big = meter.sincos_2d(16, 16, meter.POS_FREQS)
+    assert torch.cdist(big, big).add(torch.eye(256) * 9).min() > 0.1  # every cell of a 16 × 16 grid has its own code
+    # the same image point gets the same code at every CoSwin stage: centre of the 1 × 1 grid = (½, ½)
+    torch.testing.assert_close(meter.sincos_2d(1, 1, 3)[0], meter.sincos_2d(3, 3, 3)[4])
+
+
 def test_a_causal_text_encoder_is_refused_with_a_clear_message():
     image = coswin.build("toy")
     with pytest.raises(ValueError, match="bidirectional.*causal=False"):

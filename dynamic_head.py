@@ -35,7 +35,8 @@ GIoU loss × 2 weighted by the centerness target, centerness BCE (ATSS / FCOS).
 
 Classification is **text-aligned** (GLIP-style, what Florence needs for zero-shot transfer): a region
 feature r at each location is projected to the joint space and compared with class-name embeddings v_k
-from the pretrained text tower (prompt-template averages, as UniCL's zero-shot classifier):
+from the pretrained text tower (the prompt "a photo of a {name}.", encoded in every forward so the tower
+can be fine-tuned with the detector as GLIP does, or kept frozen):
 
     logit_{i,k} = τ · ⟨ r_i/‖r_i‖, v_k ⟩ + b        (learnable τ = exp(log_scale) ≤ 100, shared bias b)
 
@@ -51,7 +52,7 @@ deform_conv2d_kernel.cpp and nms_kernel.cpp; cocodataset/cocoapi PythonAPI/pycoc
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -177,18 +178,7 @@ def nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float) -> torc
     """Greedy NMS → indices of kept boxes, highest score first. A box is suppressed when its IoU with an
     already kept box is strictly above `iou_threshold` (torchvision's nms_kernel.cpp). Equal scores keep
     the lower index first (a stable sort; torchvision leaves tie order unspecified)."""
-    if boxes.numel() == 0:
-        return torch.empty(0, dtype=torch.long, device=boxes.device)
-    order = torch.sort(scores, descending=True, stable=True).indices
-    iou = box_iou(boxes[order], boxes[order])  # (N, N) in score order
-    suppress = (iou > iou_threshold).cpu()
-    keep, removed = [], torch.zeros(len(order), dtype=torch.bool)
-    for i in range(len(order)):
-        if removed[i]:
-            continue
-        keep.append(i)
-        removed |= suppress[i]
-    return order[torch.tensor(keep, dtype=torch.long, device=order.device)]
+    return batched_nms(boxes, scores, torch.zeros(len(boxes), dtype=torch.long, device=boxes.device), iou_threshold)
 
 
 def batched_nms(boxes: torch.Tensor, scores: torch.Tensor, idxs: torch.Tensor, iou_threshold: float) -> torch.Tensor:
@@ -422,10 +412,11 @@ class DynamicHead(nn.Module):
 
 class TextTower(nn.Module):
     """The text half of a Florence model (text encoder + projection): tokens (K, L) → v (K, D), ‖v‖ = 1,
-    the same map as `Florence.encode_text`. Frozen by default so zero-shot names keep the pretrained
-    alignment. Works with `unicl.zero_shot_classifier(tower, tokenizer, names)`."""
+    the same map as `Florence.encode_text`. `trainable=True` fine-tunes it with the detector (GLIP fine-tunes
+    its language encoder too); frozen, the class embeddings are exactly the pretrained ones. Works with
+    `unicl.zero_shot_classifier(tower, tokenizer, names)`."""
 
-    def __init__(self, text_encoder: nn.Module, text_proj: nn.Linear, trainable: bool = False):
+    def __init__(self, text_encoder: nn.Module, text_proj: nn.Linear, trainable: bool = True):
         super().__init__()
         self.text_encoder, self.text_proj = text_encoder, text_proj
         self.embed_dim = text_proj.out_features
@@ -460,14 +451,15 @@ def sigmoid_focal_loss(logits: torch.Tensor, targets: torch.Tensor, alpha: float
 class Detector(nn.Module):
     """Florence's object-level adapter.
 
-    backbone: a CoSwin (`forward_features` → 4 maps); text: a TextTower for text-aligned classes (then the
-    training vocabulary's embeddings live in the buffer `class_embed` (K, D), set with `set_classes`), or
-    `num_classes` > 0 for fixed classes.
+    backbone: a CoSwin (`forward_features` → 4 maps); text: a TextTower for text-aligned classes (the
+    training vocabulary's prompts, tokenised, live in the buffer `class_tokens` (K, L), set with
+    `set_classes`; they are encoded in every forward, so a trainable tower learns), or `num_classes` > 0
+    for fixed classes.
 
-    forward(images (B,3,H,W), class_embed (K, D) or None) → dict
+    forward(images (B,3,H,W), class_tokens (K, L) or None = the training vocabulary) → dict
         cls (B, N, K) logits, ltrb (B, N, 4) distances in pixels, ctr (B, N) centerness logits,
         sizes [(H_l, W_l)] of the L levels (N = Σ H_l·W_l locations, level-major, row-major inside).
-    loss(out, targets, image_size) → (loss, logs); predict(images, class_embed) → per-image dicts.
+    loss(out, targets, image_size) → (loss, logs); predict(images, class_tokens) → per-image dicts.
     """
 
     def __init__(self, backbone: nn.Module, cfg: DetectorConfig, text: TextTower | None = None, num_classes: int = 0):
@@ -488,7 +480,7 @@ class Detector(nn.Module):
             self.cls_embed = nn.Conv2d(C, D, 3, padding=1)  # region features → joint space
             self.log_scale = nn.Parameter(torch.tensor(math.log(cfg.init_logit_scale)))
             self.cls_bias = nn.Parameter(torch.tensor(prior))  # shared by every class name
-            self.register_buffer("class_embed", torch.zeros(0, D))
+            self.register_buffer("class_tokens", torch.zeros(0, 1, dtype=torch.long))
         else:
             self.cls_logits = nn.Conv2d(C, num_classes, 3, padding=1)
         self.bbox_pred = nn.Conv2d(C, 4, 3, padding=1)
@@ -503,9 +495,16 @@ class Detector(nn.Module):
 
     # -- classes ---------------------------------------------------------------------------------------
     @torch.no_grad()
-    def set_classes(self, embeddings: torch.Tensor):
-        """Store the training vocabulary's class embeddings (K, D) (saved with the model)."""
-        self.class_embed = embeddings.detach().to(self.class_embed.device, self.class_embed.dtype).clone()
+    def set_classes(self, tokens: torch.Tensor):
+        """Store the training vocabulary's tokenised class prompts (K, L) (saved with the model)."""
+        self.class_tokens = tokens.detach().to(self.class_tokens.device, torch.long).clone()
+
+    def encode_classes(self, tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """Class prompts (K, L) → v (K, D) unit rows (with gradients when the tower is trainable)."""
+        tokens = self.class_tokens if tokens is None else tokens
+        if tokens.numel() == 0:
+            raise ValueError("Detector: no class names; call set_classes(tokens) or pass class_tokens")
+        return self.text.encode_text(tokens.to(self.class_tokens.device))
 
     @torch.no_grad()
     def clamp_logit_scale_(self):
@@ -513,16 +512,13 @@ class Detector(nn.Module):
             self.log_scale.clamp_(0.0, self.max_logit_scale)
 
     # -- forward ---------------------------------------------------------------------------------------
-    def forward(self, images: torch.Tensor, class_embed: torch.Tensor | None = None) -> dict:
+    def forward(self, images: torch.Tensor, class_tokens: torch.Tensor | None = None) -> dict:
         maps = self.backbone.forward_features(images)
         feats = self.dyhead(self.pyramid([maps[i] for i in self.cfg.in_indices]))
         if len(feats) != len(self.strides):
             raise ValueError(f"Detector: {len(feats)} pyramid levels but {len(self.strides)} strides")
         if self.text is not None:
-            v = self.class_embed if class_embed is None else class_embed  # (K, D)
-            if v.numel() == 0:
-                raise ValueError("Detector: no class embeddings; call set_classes(...) or pass class_embed")
-            v = F.normalize(v.to(feats[0].dtype), dim=-1)
+            v = self.encode_classes(class_tokens).to(feats[0].dtype)  # (K, D)
             tau = self.log_scale.clamp(max=self.max_logit_scale).exp()
         cls, ltrb, ctr = [], [], []
         for f, s, scale in zip(feats, self.strides, self.scales):
@@ -637,8 +633,8 @@ class Detector(nn.Module):
         return results
 
     @torch.no_grad()
-    def predict(self, images: torch.Tensor, class_embed: torch.Tensor | None = None) -> list[dict]:
-        return self.postprocess(self(images, class_embed), images.shape[-2:])
+    def predict(self, images: torch.Tensor, class_tokens: torch.Tensor | None = None) -> list[dict]:
+        return self.postprocess(self(images, class_tokens), images.shape[-2:])
 
 
 # ----------------------------------------------------------------------------------------------------

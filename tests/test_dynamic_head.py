@@ -245,6 +245,9 @@ def test_map_crowd_boxes_are_ignored_not_missed_and_absorb_detections():
     assert dh.coco_map(preds, gt)["AP"] == pytest.approx(1.0)  # the two detections in the crowd region are neither TP nor FP
     no_crowd = [_gt([[0, 0, 10, 10], [30, 30, 60, 60]], [0, 0], crowd=[0, 0])]
     assert dh.coco_map(preds, no_crowd)["AP"] < 0.6
+    missed_crowd = [_dt([[0, 0, 10, 10]], [0.5], [0])]  # the crowd region is never detected: not a miss
+    assert dh.coco_map(missed_crowd, gt)["AP"] == pytest.approx(1.0)
+    assert dh.coco_map(missed_crowd, no_crowd)["AP"] == pytest.approx(51 / 101)
 
 
 def test_map_keeps_at_most_100_detections_per_image_and_class():
@@ -258,12 +261,14 @@ def test_map_keeps_at_most_100_detections_per_image_and_class():
 
 def test_map_area_ranges_classes_without_ground_truth_and_dict_input():
     gts = [_gt([[0, 0, 10, 10], [0, 0, 50, 50]], [0, 0])]  # a small box found, a medium one missed
-    preds = [_dt([[0, 0, 10, 10], [80, 80, 90, 90]], [0.9, 0.8], [0, 3])]  # class 3 has no ground truth: ignored
+    preds = [_dt([[0, 0, 10, 10], [60, 0, 100, 40], [80, 80, 90, 90]], [0.9, 0.95, 0.8], [0, 0, 3])]
+    # the medium-sized false positive ranks first; class 3 has no ground truth at all (left out)
     ap = dh.coco_map(preds, gts)
-    assert ap["AP_small"] == pytest.approx(1.0) and ap["AP_medium"] == 0.0 and ap["AP_large"] == -1.0
-    assert ap["AP"] == pytest.approx(51 / 101)  # precision 1 up to recall ½: 51 of the 101 recall points
+    assert ap["AP_small"] == pytest.approx(1.0)  # an unmatched detection outside the range is ignored
+    assert ap["AP_medium"] == 0.0 and ap["AP_large"] == -1.0
+    assert ap["AP"] == pytest.approx(0.5 * 51 / 101)  # precision ½ up to recall ½
     two = dh.coco_map({7: preds[0], 9: _dt([], [], [])}, {7: gts[0], 9: _gt([[0, 0, 5, 5]], [1])})
-    assert two["AP"] == pytest.approx((51 / 101 + 0.0) / 2)  # the mean over classes 0 and 1
+    assert two["AP"] == pytest.approx((0.5 * 51 / 101 + 0.0) / 2)  # the mean over classes 0 and 1
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -361,20 +366,24 @@ def test_dynamic_head_paper_size_runs_and_counts_its_parameters():
 # The detector
 
 
-def _detector(text=True, **over):
+NAMES = ["red circle", "blue square", "green cross"]
+
+
+def _detector(text=True, trainable=True, **over):
     torch.manual_seed(0)
     backbone = coswin.build("toy")
     cfg = dh.build_config("toy", channels=32, num_blocks=1, **over)
     if not text:
         return dh.Detector(backbone, cfg, num_classes=3)
     enc = text_encoder.build("toy", vocab_size=300)
-    model = dh.Detector(backbone, cfg, text=dh.TextTower(enc, nn.Linear(enc.num_features, 24, bias=False)))
-    model.set_classes(torch.randn(3, 24))
+    tower = dh.TextTower(enc, nn.Linear(enc.num_features, 24, bias=False), trainable=trainable)
+    model = dh.Detector(backbone, cfg, text=tower)
+    model.set_classes(text_encoder.Tokenizer()(NAMES, 16))  # byte-level tokens
     return model
 
 
 def test_atss_positives_lie_inside_their_box_and_prefer_the_fitting_level():
-    model = _detector()
+    model = _detector(in_indices=(0, 1, 2))  # strides 4, 8, 16
     sizes = [(16, 16), (8, 8), (4, 4)]
     points, strides = model.points(sizes, "cpu")
     boxes = torch.tensor([[10.0, 12, 22, 24], [30, 30, 62, 62]])  # 12 px and 32 px boxes in a 64² image
@@ -384,11 +393,14 @@ def test_atss_positives_lie_inside_their_box_and_prefer_the_fitting_level():
         assert len(p) > 0
         assert ((p[:, 0] > boxes[g, 0]) & (p[:, 0] < boxes[g, 2]) & (p[:, 1] > boxes[g, 1]) & (p[:, 1] < boxes[g, 3])).all()
     assert (strides[a == 0] == 4).all() and (strides[a == 1] >= 8).all()  # anchors 16 px vs 32/64 px
+    tiny = torch.tensor([[20.0, 20, 23, 23]])  # its 3×3 candidates all pass the IoU test; one centre is inside
+    assert points[model.assign(points, strides, sizes, tiny) == 0].tolist() == [[22.0, 22.0]]
     assert (model.assign(points, strides, sizes, torch.zeros(0, 4)) == -1).all()
 
 
 def test_loss_is_finite_with_an_image_without_boxes_and_the_classifier_is_text_aligned():
     model = _detector()
+    assert model.text.text_proj.weight.requires_grad
     x = torch.randn(2, 3, 64, 64)
     out = model(x)
     targets = [{"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long)},
@@ -396,15 +408,20 @@ def test_loss_is_finite_with_an_image_without_boxes_and_the_classifier_is_text_a
     loss, logs = model.loss(out, targets, (64, 64))
     assert torch.isfinite(loss) and logs["num_pos"] > 0
     loss.backward()
+    assert model.text.text_proj.weight.grad.abs().sum() > 0  # the text tower is fine-tuned (GLIP-style)
     empty, _ = model.loss(model(x), [targets[0], targets[0]], (64, 64))
     assert torch.isfinite(empty)
-    # logits are τ·cos(region, name) + b: reordering or rescaling the names only reorders the columns
-    v = torch.randn(3, 24)
+    # logits are τ·cos(region, name) + b: reordering the names reorders the columns, any name can be scored
+    tokens = text_encoder.Tokenizer()(NAMES + ["a purple thing"], 16)
     with torch.no_grad():
-        l1 = model(x, v)["cls"]
-        l2 = model(x, 5 * v[[2, 0, 1]])["cls"]
-    torch.testing.assert_close(l2, l1[..., [2, 0, 1]], atol=1e-5, rtol=1e-5)
+        l1 = model(x, tokens)["cls"]
+        l2 = model(x, tokens[[2, 0, 3, 1]])["cls"]
+    torch.testing.assert_close(l2, l1[..., [2, 0, 3, 1]], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(l1[..., :3], model(x)["cls"].detach(), atol=1e-5, rtol=1e-5)  # the stored names
     assert float(l1.max() - model.cls_bias.detach()) <= float(model.log_scale.detach().exp()) + 1e-4
+    frozen = _detector(trainable=False)
+    frozen.loss(frozen(x), targets, (64, 64))[0].backward()
+    assert all(p.grad is None for p in frozen.text.parameters())
 
 
 @pytest.mark.slow
@@ -449,12 +466,12 @@ def test_detect_task_runs_logs_fractions_and_resumes(tmp_path):
     assert (tmp_path / "det" / "predictions.png").is_file()
     rows = [json.loads(line) for line in open(tmp_path / "det" / "metrics.jsonl")]
     assert rows[0]["bad_boxes"] == 0 and np.isfinite(rows[0]["loss"])
-    assert t.model.class_embed.shape[0] == 18  # 20 classes − 2 held out
+    assert t.model.class_tokens.shape[0] == 18  # 20 classes − 2 held out
     # resume: the same architecture is rebuilt from the saved recipe, the run goes on
     cfg = train.resolved(train.parse_config(flags + ["--max_steps", "3", "--resume", "auto"]))
     t2 = train.Trainer(cfg, train.setup_distributed(cfg))
     assert t2.step == 2
-    torch.testing.assert_close(t2.model.class_embed, t.model.class_embed)
+    assert torch.equal(t2.model.class_tokens, t.model.class_tokens)
     t2.fit()
     assert t2.step == 3
 

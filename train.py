@@ -645,7 +645,8 @@ def _split_names(text: str) -> list[str]:
 class DetectTask(Task):
     """Object detection with the object-level adapter (paper §2.4, dynamic_head.py): the pretrained CoSwin
     → FeaturePyramid → DynamicHead → ATSS head whose classes are text-aligned (region features · class-name
-    embeddings from the frozen pretrained text tower), trained on ShapesDetection or COCO JSON.
+    embeddings of the pretrained text tower, fine-tuned with the detector as in GLIP), trained on
+    ShapesDetection or COCO JSON. Each class is the prompt "a photo of a {name}." (PROMPT).
 
         python train.py --name pretrain-toy                                          # once: the two towers
         python train.py --task detect --init_from runs/pretrain-toy/ckpt.pt          # DyHead-ATSS on them
@@ -655,11 +656,13 @@ class DetectTask(Task):
     held-out split, COCO rules: det_map (AP .50:.95) and det_map50 over the training classes. With
     --zero_shot_classes those classes are removed from training (their objects are unlabelled background,
     as in open-vocabulary detection) and evaluated from their names alone with a vocabulary of just those
-    names (zero-shot transfer): det_zs_map, det_zs_map50. Boxes are clipped to the image; empty, reversed
+    names (zero-shot transfer): det_zs_map, det_zs_map50. --det_classifier frozen keeps the text tower as
+    pretrained; fixed replaces the text side by one logit per class (no zero-shot). Boxes are clipped to the image; empty, reversed
     or non-finite boxes and unknown labels are dropped and counted (bad_boxes in the training log).
     predictions.png: held-out images, ground truth in grey, detections with names and scores."""
 
     metrics = ("det_map", "det_map50")
+    PROMPT = "a photo of a {}."
     # the toy detection run: 64² ShapesDetection (objects of 8–19 px), a schedule fitted to 12 minutes
     defaults = dict(img_size=64, batch_size=32, lr=1e-3, warmup_steps=50, weight_decay=0.05, max_steps=3000,
                     max_minutes=12.0, eval_every=500, eval_size=500, ckpt_every=500)
@@ -683,10 +686,11 @@ class DetectTask(Task):
         self.seen = [c for c in self.classes if c not in self.zero_shot]
         if not self.seen:
             raise SystemExit("train.py: --zero_shot_classes holds every class; leave some to train on")
-        if self.zero_shot and cfg.det_classifier != "text":
-            raise SystemExit("train.py: --zero_shot_classes needs --det_classifier text (fixed classes cannot be named)")
-        if cfg.det_classifier not in ("text", "fixed"):
-            raise SystemExit(f"train.py: --det_classifier must be text or fixed, got {cfg.det_classifier!r}")
+        if cfg.det_classifier not in ("text", "frozen", "fixed"):
+            raise SystemExit(f"train.py: --det_classifier must be text, frozen or fixed, got {cfg.det_classifier!r}")
+        if self.zero_shot and cfg.det_classifier == "fixed":
+            raise SystemExit("train.py: --zero_shot_classes needs --det_classifier text or frozen (fixed classes "
+                             "cannot be named)")
         # dataset label → index among the seen (training) classes, and among the zero-shot classes; −1 elsewhere
         self.to_seen = torch.tensor([self.seen.index(c) if c in self.seen else -1 for c in self.classes])
         self.to_zs = torch.tensor([self.zero_shot.index(c) if c in self.zero_shot else -1 for c in self.classes])
@@ -765,28 +769,27 @@ class DetectTask(Task):
         self.context_length = florence.text_encoder.cfg.context_length
         if self.cfg.det_classifier == "fixed":
             return dh.Detector(florence.image_encoder, det_cfg, num_classes=len(self.seen))
-        model = dh.Detector(florence.image_encoder, det_cfg, text=dh.TextTower(florence.text_encoder, florence.text_proj))
-        model.set_classes(self.embed_names(model, self.seen))
+        text = dh.TextTower(florence.text_encoder, florence.text_proj, trainable=self.cfg.det_classifier == "text")
+        model = dh.Detector(florence.image_encoder, det_cfg, text=text)
+        model.set_classes(self.tokenize_names(self.seen))
         return model
 
     def init_from(self, model, ckpt, path):
         pass  # build_model already took the towers (and tokenizer) of the --init_from pretraining run
 
-    def embed_names(self, model, names: list[str]) -> torch.Tensor:
-        """Class names → (K, D) unit text embeddings (prompt-template average, as UniCL's zero-shot classifier)."""
-        import unicl
-
+    def tokenize_names(self, names: list[str]) -> torch.Tensor:
+        """Class names → (K, L) tokens of their prompts; a name the tokenizer maps to nothing is an error."""
         for n in names:
             if not n.strip() or not self.tokenizer.encode(n):
                 raise SystemExit(f"train.py: class name {n!r} maps to no tokens; give a name made of words")
-        return unicl.zero_shot_classifier(_unwrap(model).text, self.tokenizer, names,
-                                          context_length=self.context_length).T.contiguous()
+        return self.tokenizer([self.PROMPT.format(n) for n in names], self.context_length)
 
     def fsdp_wrap_classes(self):
         import coswin
         import dynamic_head as dh
+        import text_encoder
 
-        return {coswin.SwinBlock, dh.DyHeadBlock}
+        return {coswin.SwinBlock, dh.DyHeadBlock, text_encoder.Block}
 
     def state_dict(self):
         return {"tokenizer_merges": [list(m) for m in self.tokenizer.merges],
@@ -817,7 +820,7 @@ class DetectTask(Task):
         raw = _unwrap(model)
         groups = [self.seen, self.zero_shot] if names is None else [names]
         groups = [g for g in groups if g]
-        embed = self.embed_names(raw, [n for g in groups for n in g]) if raw.text is not None else None
+        tokens = self.tokenize_names([n for g in groups for n in g]) if raw.text is not None else None
         loader = DataLoader(self.eval_dataset(), batch_size=32, shuffle=False, collate_fn=self.collate,
                             num_workers=0, generator=torch.Generator())
         preds, targets, images = [[] for _ in groups], [], []
@@ -825,7 +828,7 @@ class DetectTask(Task):
             if "image" not in batch:
                 continue
             x = batch["image"].to(self.dist.device)
-            out = raw(x, embed)
+            out = raw(x, None if tokens is None else tokens.to(self.dist.device))
             start = 0
             for g, group in enumerate(groups):
                 part = dict(out, cls=out["cls"][..., start:start + len(group)])
@@ -861,7 +864,8 @@ class DetectTask(Task):
 
     @torch.no_grad()
     def visualise(self, model, run_dir):
-        """predictions.png: 12 held-out images, ground truth in grey, detections (score ≥ 0.3) with names."""
+        """predictions.png: 12 held-out images, ground truth in grey, detections (score ≥ 0.3) with names.
+        Forwards on every rank (collective under FSDP); rank 0 draws."""
         from data.transforms import denormalize
 
         custom = _split_names(self.cfg.det_classes)
@@ -873,6 +877,8 @@ class DetectTask(Task):
             preds, raw_targets, images = self.detect_eval(model, custom or None, max_images=12)
         finally:
             model.train(was)
+        if not self.dist.main:
+            return None
         names = custom or (self.seen + self.zero_shot)
         offsets = [0] if custom else [0, len(self.seen)]
         merged = [{k: torch.cat([dict(p[i], labels=p[i]["labels"] + off)[k] for p, off in zip(preds, offsets)])

@@ -90,7 +90,7 @@ class Config:
     det_head: str = "toy"  # DynamicHead preset: toy (CPU: narrow, few blocks) | paper (6 blocks × 256, P3–P7)
     det_channels: int = 0  # > 0: the pyramid / DyHead width instead of the preset's
     det_blocks: int = 0  # > 0: the number of DyHead blocks instead of the preset's
-    det_classifier: str = "text"  # text: region · class-name embeddings (zero-shot capable) | fixed: a logit per class
+    det_classifier: str = "text"  # text: region · class-name embeddings, text tower fine-tuned | frozen | fixed: a logit per class
     zero_shot_classes: str = ""  # comma-separated class names left out of detection training, evaluated zero-shot
     det_classes: str = ""  # comma-separated names (any words) to detect in predictions.png; default: all classes
     # --task itm_mlm / vqa (issue 8, meter.py: METER co-attention fusion on the pretrained towers, paper §2.5)

@@ -458,3 +458,76 @@ def retrieval_recall(img_emb: torch.Tensor, txt_emb: torch.Tensor, txt_to_img: t
         out[f"i2t_r{k}"] = (rank_i2t < k).float().mean().item()
         out[f"t2i_r{k}"] = (rank_t2i < k).float().mean().item()
     return out
+
+
+def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, eval_x: torch.Tensor | None = None,
+                 eval_y: torch.Tensor | None = None, l2=(1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1), val_frac: float = 0.2,
+                 seed: int = 0, max_iter: int = 500, num_classes: int | None = None) -> dict:
+    """Linear probe: multinomial logistic regression on frozen features (Florence §3.2; PAPER.md §6. The
+    protocol is CLIP's, Radford et al. 2021 appendix A.3: L-BFGS, the L2 strength swept on a validation
+    split; theirs is scikit-learn's, this one is written in torch).
+
+    train_x (N, C), train_y (N,) long in [0, K); eval_x (M, C), eval_y (M,) optional.
+      1. Features are standardised with the training mean and std (L-BFGS converges in far fewer steps).
+      2. For each λ in `l2`: W (C, K), b (K,) from zero, full-batch L-BFGS (strong Wolfe line search) on
+         mean cross-entropy + λ/2 · ‖W‖² (b not penalised), fitted on the training rows outside a random
+         `val_frac` share (seeded by `seed`), scored by top-1 on that share.
+      3. The best λ (ties → the stronger λ) is refitted on every training row; top-1/5 on the evaluation set.
+    Deterministic for a seed (zero init, full batch, float64). Returns {"weight": (K, C), "bias": (K,)
+    acting on *raw* features (logits = x @ weight.T + bias), "l2": the λ chosen, "val_top1": {λ: top-1},
+    "train_loss": the refitted objective, "top1", "top5" (when eval data is given)}."""
+    if train_x.dim() != 2 or train_y.dim() != 1 or len(train_x) != len(train_y):
+        raise ValueError(f"linear_probe needs train_x (N, C) and train_y (N,), got {tuple(train_x.shape)} and "
+                         f"{tuple(train_y.shape)}")
+    if (eval_x is None) != (eval_y is None) or (eval_x is not None and (eval_x.dim() != 2 or len(eval_x) != len(eval_y)
+                                                                       or eval_x.shape[1] != train_x.shape[1])):
+        raise ValueError("linear_probe needs eval_x (M, C) with the training feature width and eval_y (M,), or neither")
+    l2 = sorted((float(v) for v in l2), reverse=True)  # strongest first: ties keep the stronger λ
+    if not l2 or min(l2) < 0:
+        raise ValueError(f"linear_probe needs at least one L2 strength ≥ 0, got {l2}")
+    if not 0.0 < val_frac < 1.0:
+        raise ValueError(f"val_frac must be in (0, 1), got {val_frac}")
+    x = train_x.detach().double().cpu()
+    y = train_y.detach().long().cpu()
+    K = int(num_classes or int(y.max()) + 1)
+    if y.min() < 0 or y.max() >= K:
+        raise ValueError(f"train_y must hold class indices in [0, {K}), got [{int(y.min())}, {int(y.max())}]")
+    n_val = int(round(len(x) * val_frac))
+    if n_val < 1 or len(x) - n_val < 1:
+        raise ValueError(f"linear_probe needs rows for both fitting and validation; {len(x)} training rows with "
+                         f"val_frac {val_frac} leave none for one of them")
+    mean, std = x.mean(0), x.std(0).clamp_min(1e-6)
+    z = (x - mean) / std
+
+    def fit(zx, zy, lam):
+        W = torch.zeros(zx.shape[1], K, dtype=torch.float64, requires_grad=True)
+        b = torch.zeros(K, dtype=torch.float64, requires_grad=True)
+        opt = torch.optim.LBFGS([W, b], lr=1.0, max_iter=max_iter, history_size=20, tolerance_grad=1e-9,
+                                tolerance_change=1e-12, line_search_fn="strong_wolfe")
+
+        def objective():
+            opt.zero_grad()
+            loss = F.cross_entropy(zx @ W + b, zy) + 0.5 * lam * (W * W).sum()
+            loss.backward()
+            return loss
+
+        with torch.enable_grad():
+            opt.step(objective)
+            final = float(objective().detach())
+        return W.detach(), b.detach(), final
+
+    perm = torch.randperm(len(z), generator=torch.Generator().manual_seed(seed))
+    val, fit_rows = perm[:n_val], perm[n_val:]
+    val_top1 = {}
+    for lam in l2:
+        W, b, _ = fit(z[fit_rows], y[fit_rows], lam)
+        val_top1[lam] = ((z[val] @ W + b).argmax(1) == y[val]).double().mean().item()
+    best = max(l2, key=lambda lam: val_top1[lam])  # max keeps the first (strongest) of equal scores
+    W, b, final = fit(z, y, best)
+    weight = (W / std[:, None]).T.contiguous()  # (K, C): fold the standardisation into raw-feature weights
+    bias = b - (mean / std) @ W
+    out = {"weight": weight.float(), "bias": bias.float(), "l2": best, "val_top1": val_top1, "train_loss": final}
+    if eval_x is not None:
+        logits = eval_x.detach().double().cpu() @ weight.T + bias
+        out["top1"], out["top5"] = accuracy(logits, eval_y.detach().long().cpu(), topk=(1, 5))
+    return out

@@ -168,6 +168,53 @@ def _unicl_step(image_preset: str, text_preset: str, embed_dim: int):
     return build
 
 
+def _out_loss(out) -> torch.Tensor:
+    """A scalar touching every output tensor (dicts and lists of tensors included), for the backward."""
+    if isinstance(out, torch.Tensor):
+        return out.float().square().mean()
+    items = out.values() if isinstance(out, dict) else out
+    return sum(_out_loss(o) for o in items if isinstance(o, (torch.Tensor, dict, list, tuple)))
+
+
+def _dynamic_head(args):
+    """DyHead-ATSS of the paper (6 blocks × 256 on P3–P7) on CoSwin-T, 80 fixed classes (COCO's)."""
+    import coswin
+    import dynamic_head
+
+    backbone = coswin.build("tiny", grad_checkpointing=args.grad_ckpt)
+    model = dynamic_head.Detector(backbone, dynamic_head.build_config("paper"), num_classes=80)
+    x = _images(args)
+    return model, (lambda m: m(x)), _out_loss
+
+
+def _meter(args):
+    """METER fusion (6 layers × 768 × 12 heads per modality) on CoSwin-T and a bidirectional CLIP-base text
+    tower, with the ITM head, at 40 text tokens."""
+    import coswin
+    import meter
+    import text_encoder
+
+    image = coswin.build("tiny", grad_checkpointing=args.grad_ckpt)
+    text = text_encoder.build("clip_base", causal=False, context_length=40, grad_checkpointing=args.grad_ckpt)
+    model = meter.build("florence", image, text)
+    x = _images(args)
+    tokens = torch.randint(4, text.cfg.vocab_size, (args.batch, 40), device=args.device)
+    tokens[:, 20:] = text.cfg.pad_id
+    return model, (lambda m: m(x, tokens)), _out_loss
+
+
+def _video(args):
+    """Video CoSwin-T inflated from CoSwin-T (K_t = 2): clips of 8 frames at --img_size."""
+    import coswin
+    import video_coswin
+
+    model = video_coswin.VideoCoSwin.from_image_model(coswin.build("tiny"), temporal_kernel=2)
+    model.set_grad_checkpointing(args.grad_ckpt)
+    s = args.img_size
+    x = torch.randn(args.batch, 3, 8, s, s, device=args.device)
+    return model, (lambda m: m(x)), _out_loss
+
+
 COMPONENTS = {
     "coswin-toy": Component("coswin-toy", _coswin("toy", "conv")),
     "swin-t": Component("swin-t", _coswin("tiny", "patch")),
@@ -175,26 +222,12 @@ COMPONENTS = {
     "coswin-b": Component("coswin-b", _coswin("base", "conv")),
     "text-clip_base": Component("text-clip_base", _text("clip_base")),
     "unicl-step": Component("unicl-step", _unicl_step("tiny", "clip_base", 512)),
+    "unicl-step-b": Component("unicl-step-b", _unicl_step("base", "clip_base", 512)),
+    "dynamic-head": Component("dynamic-head", _dynamic_head),
+    "meter": Component("meter", _meter),
+    "video-coswin-t": Component("video-coswin-t", _video),
 }
-DEFAULT = ["swin-t", "coswin-t", "text-clip_base", "unicl-step"]
-
-
-def register(name: str, build, default: bool = True):
-    """Adapters add their components here (DynamicHead, METER, VideoCoSwin) as they land."""
-    COMPONENTS[name] = Component(name, build)
-    if default:
-        DEFAULT.append(name)
-
-
-def _maybe_register_adapters():
-    """Adapters benchmark themselves through a `bench_component(args)` function, when their file exists."""
-    for module, name in (("video_coswin", "video-coswin-t"), ("dynamic_head", "dynamic-head"), ("meter", "meter")):
-        try:
-            mod = __import__(module)
-        except ImportError:
-            continue
-        if hasattr(mod, "bench_component") and name not in COMPONENTS:
-            register(name, mod.bench_component)
+DEFAULT = ["swin-t", "coswin-t", "text-clip_base", "unicl-step", "dynamic-head", "meter", "video-coswin-t"]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -281,7 +314,6 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> list[dict]:
-    _maybe_register_adapters()
     args = parse_args(argv)
     names = [n.strip() for n in args.only.split(",") if n.strip()] or DEFAULT
     unknown = [n for n in names if n not in COMPONENTS]

@@ -337,6 +337,7 @@ class Task:
                                          every rank (forwards are collective under FSDP), write on rank 0
     state_dict() / load_state_dict(sd)   task-owned state that must travel with checkpoints (a tokenizer)
     fsdp_wrap_classes() → set of module classes to shard as units
+    lr_scales(model) → {param name: lr multiplier}   default {} (all at the scheduled lr); e.g. layer decay
     init_from(model, ckpt, path)         --init_from: default = every weight, window tables resized;
                                          adapters override it to take the towers of a pretraining run
     defaults                             {field: value} used where neither --config nor a flag sets the
@@ -373,6 +374,9 @@ class Task:
 
     def load_state_dict(self, sd: dict):
         pass
+
+    def lr_scales(self, model: nn.Module) -> dict[str, float]:
+        return {}
 
     def fsdp_wrap_classes(self) -> set:
         return set()
@@ -1593,54 +1597,6 @@ def layer_lr_scales(model: nn.Module, decay: float) -> dict[str, float]:
     return scales
 
 
-class LayerwiseLR:
-    """Per-parameter learning-rate multipliers on top of the loop's optimiser, which has one lr per group.
-
-    After each optimiser step the update of parameter p is scaled by its multiplier s: p ← p₀ + s·(p − p₀).
-    For SGD, Adam and AdamW (decoupled decay) the update is proportional to lr and the moment estimates do
-    not depend on it, so this is exactly a step with lr·s. Global optimiser step hooks (torch.optim public
-    API) pick out the optimiser that holds this model's parameters; nothing changes in the optimiser's state,
-    so checkpoints and resume are untouched. Costs one copy of the scaled parameters during the step."""
-
-    live = None  # weakref.WeakSet of the instances in use; two global optimiser hooks serve them all
-
-    def __init__(self, model: nn.Module, scales: dict[str, float]):
-        import weakref
-        from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
-
-        if LayerwiseLR.live is None:  # registered once per process; an instance leaves the set with its task
-            LayerwiseLR.live = weakref.WeakSet()
-            register_optimizer_step_pre_hook(LayerwiseLR._pre_all)
-            register_optimizer_step_post_hook(LayerwiseLR._post_all)
-        LayerwiseLR.live.add(self)
-        self.model = weakref.ref(model)
-        self.scales = {n: s for n, s in scales.items() if s != 1.0}
-        self.before = []
-
-    @staticmethod
-    def _pre_all(optimizer, args, kwargs):
-        for m in list(LayerwiseLR.live):
-            m._pre(optimizer)
-
-    @staticmethod
-    def _post_all(optimizer, args, kwargs):
-        for m in list(LayerwiseLR.live):
-            m._post()
-
-    def _pre(self, optimizer):
-        model = self.model()
-        held = {id(p) for g in optimizer.param_groups for p in g["params"]}
-        self.before = [] if model is None else [(p, self.scales[n], p.detach().clone())
-                                                for n, p in model.named_parameters() if n in self.scales and id(p) in held]
-
-    @torch.no_grad()
-    def _post(self):
-        for p, s, p0 in self.before:
-            local = p.to_local() if hasattr(p, "to_local") else p  # FSDP2: this rank's shard
-            local.lerp_(p0.to_local() if hasattr(p0, "to_local") else p0, 1.0 - s)  # p0 + s·(p − p0)
-        self.before = []
-
-
 def confusion_matrix(labels: torch.Tensor, preds: torch.Tensor, num_classes: int) -> torch.Tensor:
     """(K, K) counts: row = true class, column = predicted class."""
     return torch.bincount(labels.long() * num_classes + preds.long(), minlength=num_classes ** 2).view(num_classes, -1)
@@ -2024,13 +1980,9 @@ class ClassifyTask(ClassTask):
         if not 0.0 <= cfg.label_smoothing < 1.0:
             raise SystemExit(f"train.py: --label_smoothing must be in [0, 1), got {cfg.label_smoothing}")
         super().__init__(cfg, d)
-        self.layerwise = None
 
-    def build_model(self) -> nn.Module:
-        model = super().build_model()
-        self.layerwise = (LayerwiseLR(model, layer_lr_scales(model, self.cfg.layer_decay))
-                          if self.cfg.layer_decay != 1.0 else None)
-        return model
+    def lr_scales(self, model: nn.Module) -> dict[str, float]:
+        return layer_lr_scales(model, self.cfg.layer_decay) if self.cfg.layer_decay != 1.0 else {}
 
     @torch.no_grad()
     def predict(self, model) -> tuple[torch.Tensor, torch.Tensor]:
@@ -2082,18 +2034,23 @@ class ClassifyTask(ClassTask):
 NO_DECAY_WORDS = ("relative_position_bias_table", "logit_scale", "embedding", "pos_embed", "positional", "token_embed")
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+def param_groups(model: nn.Module, weight_decay: float, lr_scales: dict[str, float] | None = None) -> list[dict]:
     """AdamW groups: decay on weight matrices and conv kernels; none on norms, biases, bias tables,
-    embeddings and the logit scale (CLIP / Swin practice)."""
-    decay, no_decay = [], []
+    embeddings and the logit scale (CLIP / Swin practice). `lr_scales` {parameter name: multiplier} (a
+    task's `lr_scales`, e.g. layer-wise decay) splits the groups further; each group's "lr_scale" multiplies
+    the scheduled lr in every step (see Trainer.train_step)."""
+    lr_scales = lr_scales or {}
+    groups: dict[tuple, dict] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if p.ndim <= 1 or any(w in name for w in NO_DECAY_WORDS) or isinstance(_owner(model, name), nn.Embedding):
-            no_decay.append(p)
-        else:
-            decay.append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        no_decay = p.ndim <= 1 or any(w in name for w in NO_DECAY_WORDS) or isinstance(_owner(model, name), nn.Embedding)
+        scale = float(lr_scales.get(name, 1.0))
+        key = (no_decay, scale)
+        if key not in groups:
+            groups[key] = {"params": [], "weight_decay": 0.0 if no_decay else weight_decay, "lr_scale": scale}
+        groups[key]["params"].append(p)
+    return [groups[k] for k in sorted(groups, key=lambda k: (k[0], -k[1]))]
 
 
 def _owner(model: nn.Module, param_name: str):
@@ -2286,7 +2243,8 @@ class Trainer:
                 tqdm.write(f"initialised from {cfg.init_from}")
         self.model.to(d.device)
         self.wrapped = self._wrap(self.model)
-        self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg.weight_decay), lr=cfg.lr,
+        self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg.weight_decay, self.task.lr_scales(self.model)),
+                                           lr=cfg.lr,
                                            betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
                                            fused=d.device.type == "cuda")
         torch.manual_seed(cfg.seed + 1000 * d.rank)
@@ -2434,8 +2392,9 @@ class Trainer:
     # -- one optimiser step ----------------------------------------------------------------------------
     def train_step(self, batches) -> tuple[float, dict]:
         cfg, d = self.cfg, self.dist
+        lr = lr_at(self.step, cfg, self.total_steps)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr_at(self.step, cfg, self.total_steps)
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         manual_sync = d.on and not cfg.fsdp and cfg.gradcache_chunk > 0  # gradcache bypasses DDP's hooks
         losses, logs = [], {}
         for m in range(cfg.accum_steps):

@@ -53,6 +53,11 @@ class CoSwinConfig:
     attn_drop_rate: float = 0.0
     drop_path_rate: float = 0.2  # stochastic depth, rising linearly over all blocks
     num_classes: int = 0  # 0: no head, forward returns the pooled (B, C_4) vector
+    # "swin": Swin's init (trunc-normal σ = .02 Linear weights, zero biases). "fan_in": PyTorch's default
+    # Linear init (uniform ±1/√fan_in), whose larger residual branches make the blocks non-linear from step
+    # 0 — the toy preset's choice: from scratch, σ = .02 leaves a CPU-sized run in a plateau where it learns
+    # colour (nearly linear) at once but shape only after ~1000 steps (see README, "the toy run").
+    init: str = "swin"
     fused_attn: bool = True  # F.scaled_dot_product_attention; False = the plain, readable math
     grad_checkpointing: bool = False
 
@@ -71,7 +76,7 @@ class CoSwinConfig:
 PRESETS: dict[str, CoSwinConfig] = {
     # CPU-fast: for tests and the toy run (64×64 images → maps 16, 8, 4, 2).
     "toy": CoSwinConfig(embed_dim=32, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8), window_size=4,
-                        drop_path_rate=0.0),
+                        drop_path_rate=0.0, init="fan_in"),
     "tiny": CoSwinConfig(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24), drop_path_rate=0.2),
     "small": CoSwinConfig(embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24), drop_path_rate=0.3),
     "base": CoSwinConfig(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32), drop_path_rate=0.5),
@@ -393,6 +398,8 @@ class CoSwin(nn.Module):
 
     def __init__(self, cfg: CoSwinConfig):
         super().__init__()
+        if cfg.init not in ("swin", "fan_in"):
+            raise ValueError(f"CoSwinConfig.init must be 'swin' or 'fan_in', got {cfg.init!r}")
         if cfg.embed not in ("conv", "patch"):
             raise ValueError(f"CoSwinConfig.embed must be 'conv' (CoSwin) or 'patch' (Swin), got {cfg.embed!r}")
         self.cfg = cfg
@@ -415,12 +422,14 @@ class CoSwin(nn.Module):
                                      cfg))
         self.norm = nn.LayerNorm(self.num_features)
         self.head = nn.Linear(self.num_features, cfg.num_classes) if cfg.num_classes > 0 else nn.Identity()
-        self.apply(self._init_weights)
+        if cfg.init == "swin":
+            self.apply(self._init_weights)
 
     @staticmethod
     def _init_weights(m: nn.Module):
         # Swin's init: trunc-normal(.02) Linear weights, zero biases, LayerNorm (1, 0). Convs keep
         # PyTorch's default (as CvT and Swin). The bias tables are initialised in WindowAttention.
+        # (init="fan_in" skips this: every Linear keeps the default it was built with.)
         if isinstance(m, nn.Linear):
             nn.init.trunc_normal_(m.weight, std=0.02)
             if m.bias is not None:

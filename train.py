@@ -69,8 +69,8 @@ class Config:
     batch_size: int = 64  # global batch per optimiser step
     accum_steps: int = 1
     lr: float = 6e-4
-    min_lr_ratio: float = 0.02  # cosine decays to lr × this
-    warmup_steps: int = 200
+    min_lr_ratio: float = 0.5  # cosine decays to lr × this (short CPU runs learn shape late: keep lr up)
+    warmup_steps: int = 100
     weight_decay: float = 0.1  # AdamW; never on norms, biases, bias tables, embeddings, logit scale
     beta1: float = 0.9
     beta2: float = 0.98

@@ -372,7 +372,8 @@ class VideoCoSwin(nn.Module):
             self.layers.append(Stage3D(blocks, down, cfg.grad_checkpointing))
         self.norm = nn.LayerNorm(self.num_features)
         self.head = nn.Linear(self.num_features, cfg.num_classes) if cfg.num_classes > 0 else nn.Identity()
-        self.apply(CoSwin._init_weights)
+        if cfg.init == "swin":  # "fan_in" (the toy preset) keeps PyTorch's Linear defaults, as CoSwin does
+            self.apply(CoSwin._init_weights)
 
     @classmethod
     def from_image_model(cls, image: CoSwin, temporal_kernel: int = 2, windows: tuple | None = None,

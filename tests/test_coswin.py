@@ -430,3 +430,20 @@ def test_bad_input_names_shapes(shape, what):
 def test_unknown_preset():
     with pytest.raises(ValueError, match="unknown CoSwin preset 'gigantic'"):
         coswin.build("gigantic")
+
+
+def test_init_schemes_follow_their_definitions():
+    # "swin": trunc-normal σ = .02 weights (cut at ±2, i.e. ±100σ, so σ is unchanged), zero biases.
+    # "fan_in": PyTorch's Linear default, weights and biases uniform in ±1/√fan_in (σ = 1/√(3·fan_in)).
+    torch.manual_seed(0)
+    swin = coswin.build("tiny", init="swin")
+    fc1 = swin.layers[2].blocks[0].mlp.fc1  # 384 → 1536
+    assert abs(fc1.weight.std().item() - 0.02) < 0.001 and fc1.bias.abs().max().item() == 0.0
+    fan = coswin.build("toy")  # the toy preset uses fan_in
+    assert fan.cfg.init == "fan_in"
+    for lin in (fan.layers[0].blocks[0].mlp.fc1, fan.layers[0].blocks[0].mlp.fc2, fan.layers[3].blocks[1].attn.qkv):
+        bound = 1 / math.sqrt(lin.in_features)
+        assert lin.weight.abs().max().item() <= bound and lin.bias.abs().max().item() <= bound
+        assert abs(lin.weight.std().item() * math.sqrt(3 * lin.in_features) - 1) < 0.1
+    with pytest.raises(ValueError, match="init must be"):
+        coswin.build("toy", init="xavier")

@@ -123,7 +123,8 @@ class Component:
 
 def _images(args, size=None):
     s = size or args.img_size
-    return torch.randn(args.batch, 3, s, s, device=args.device)
+    x = torch.randn(args.batch, 3, s, s, device=args.device)
+    return x.contiguous(memory_format=torch.channels_last) if getattr(args, "channels_last", False) else x
 
 
 def _coswin(preset: str, embed: str):
@@ -243,6 +244,12 @@ def bench_component(comp: Component, args) -> dict:
 
     model, forward, loss_of = comp.build(args)
     model = model.to(device)
+    if getattr(args, "plain_attn", False):  # window attention (CoSwin, Video CoSwin) has both paths
+        for m in model.modules():
+            if hasattr(m, "fused"):
+                m.fused = False
+    if getattr(args, "channels_last", False):
+        model = model.to(memory_format=torch.channels_last)
     runner = torch.compile(model) if args.compile else model
     params = sum(p.numel() for p in model.parameters())
 
@@ -259,6 +266,7 @@ def bench_component(comp: Component, args) -> dict:
 
     row = {"component": comp.name, "device": args.device, "dtype": args.dtype, "batch": args.batch,
            "img_size": args.img_size, "compile": args.compile, "grad_ckpt": args.grad_ckpt,
+           "plain_attn": getattr(args, "plain_attn", False), "channels_last": getattr(args, "channels_last", False),
            "params_M": round(params / 1e6, 2)}
     model.eval()
     row["flops_fwd"] = count_flops(fwd) / args.batch
@@ -303,6 +311,9 @@ def parse_args(argv=None):
     p.add_argument("--img_size", type=int, default=224)
     p.add_argument("--compile", action="store_true")
     p.add_argument("--grad_ckpt", action="store_true")
+    p.add_argument("--plain_attn", action="store_true",
+                   help="the readable attention math instead of F.scaled_dot_product_attention (a lever to measure)")
+    p.add_argument("--channels_last", action="store_true", help="NHWC memory format for the images and the model")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--peak_tflops", type=float, default=0.0, help="CUDA peak for MFU (default: by card name)")

@@ -245,14 +245,6 @@ def setup_distributed(cfg: Config) -> Dist:
     return Dist(rank, world, local_rank, device)
 
 
-def all_reduce_mean(values: list[float], d: Dist) -> list[float]:
-    if not d.on:
-        return values
-    t = torch.tensor(values, dtype=torch.float64, device=d.device)
-    dist.all_reduce(t)
-    return (t / d.world).tolist()
-
-
 # ----------------------------------------------------------------------------------------------------
 # Data order: a step-indexed global batch, split over ranks and micro-steps
 
@@ -2413,7 +2405,7 @@ class Trainer:
                                           enabled=self.amp_dtype is not None):
                 loss, logs = self.task.forward_backward(self.wrapped, batch, self.step, 1.0 / cfg.accum_steps,
                                                         self.scaler)
-            losses.append(float(loss))
+            losses.append(torch.as_tensor(loss, device=d.device).detach().to(torch.float64))  # stays on device
         if manual_sync:
             for p in self.model.parameters():
                 if p.grad is not None:
@@ -2424,9 +2416,13 @@ class Trainer:
         gnorm = nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
         if hasattr(gnorm, "full_tensor"):  # FSDP2: a DTensor norm over the shards
             gnorm = gnorm.full_tensor()
-        loss = sum(losses) / len(losses)
-        stop_flag = 1.0 if self.stop_requested else 0.0
-        loss, gnorm_f, stop_flag = all_reduce_mean([loss, float(gnorm), stop_flag], d)
+        # one host-device sync per step: loss, grad norm and the stop flag travel (and all-reduce) as one tensor
+        stats = torch.stack([sum(losses) / len(losses), gnorm.detach().to(torch.float64),
+                             torch.tensor(1.0 if self.stop_requested else 0.0, dtype=torch.float64, device=d.device)])
+        if d.on:
+            dist.all_reduce(stats)
+            stats /= d.world
+        loss, gnorm_f, stop_flag = stats.tolist()
         self.stop_requested = stop_flag > 0
         finite = math.isfinite(loss) and math.isfinite(gnorm_f)
         if finite or self.scaler is not None:

@@ -102,6 +102,31 @@ def peak_memory_gib(device: torch.device) -> float | None:
     return None
 
 
+def saved_activation_bytes(model: nn.Module, fn: Callable) -> int:
+    """Bytes of the tensors autograd keeps for the backward while `fn` runs a forward (each storage once,
+    parameters excluded): the activation memory of a training step, on any device, without allocator noise.
+    Under activation checkpointing the checkpointed blocks keep only their inputs, so this is what
+    --grad_ckpt saves (CPU peak RSS cannot show it: freed pages stay with the process)."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen, total = set(), 0
+
+    def pack(t):
+        nonlocal total
+        try:
+            st = t.untyped_storage()
+        except (RuntimeError, NotImplementedError):  # tensors without storage (e.g. some wrappers): skip
+            return t
+        if st.data_ptr() not in params and st.data_ptr() not in seen:
+            seen.add(st.data_ptr())
+            total += st.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    del out
+    return total
+
+
 def count_flops(fn: Callable) -> float:
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -224,6 +249,7 @@ COMPONENTS = {
     "text-clip_base": Component("text-clip_base", _text("clip_base")),
     "unicl-step": Component("unicl-step", _unicl_step("tiny", "clip_base", 512)),
     "unicl-step-b": Component("unicl-step-b", _unicl_step("base", "clip_base", 512)),
+    "unicl-step-florence": Component("unicl-step-florence", _unicl_step("huge", "florence", 1024)),
     "dynamic-head": Component("dynamic-head", _dynamic_head),
     "meter": Component("meter", _meter),
     "video-coswin-t": Component("video-coswin-t", _video),
@@ -277,6 +303,8 @@ def bench_component(comp: Component, args) -> dict:
     row["fwd_peak_GiB"] = peak_memory_gib(device)
     model.train()
     row["flops_train"] = count_flops(fwd_bwd) / args.batch
+    with autocast():
+        row["saved_act_MiB"] = saved_activation_bytes(model, lambda: forward(model)) / 2 ** 20 / args.batch
     reset_peak_memory(device)
     t = time_runs(fwd_bwd, device, args.warmup, args.iters)
     row["train_samples_s"] = args.batch / statistics.median(t)
@@ -289,7 +317,7 @@ def bench_component(comp: Component, args) -> dict:
 
 def markdown(rows: list[dict], peak: float | None, peak_label: str) -> str:
     head = ("| component | device | dtype | batch | img | params | fwd samples/s | train samples/s (min–max) | "
-            f"GFLOP/sample (train) | train TFLOP/s | {peak_label} | peak mem (train) |")
+            f"GFLOP/sample (train) | train TFLOP/s | {peak_label} | peak mem (train) | saved activations/sample |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         frac = f"{r['train_flop_s'] / peak:.0%}" if peak else "—"
@@ -297,7 +325,7 @@ def markdown(rows: list[dict], peak: float | None, peak_label: str) -> str:
         lines.append(f"| {r['component']} | {r['device']} | {r['dtype']} | {r['batch']} | {r['img_size']} | "
                      f"{r['params_M']}M | {r['fwd_samples_s']:.1f} | {r['train_samples_s']:.1f} "
                      f"({r['train_spread'][0]:.1f}–{r['train_spread'][1]:.1f}) | {r['flops_train'] / 1e9:.2f} | "
-                     f"{r['train_flop_s'] / 1e12:.3f} | {frac} | {mem} |")
+                     f"{r['train_flop_s'] / 1e12:.3f} | {frac} | {mem} | {r['saved_act_MiB']:.0f} MiB |")
     return "\n".join(lines)
 
 

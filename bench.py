@@ -149,7 +149,7 @@ class Component:
 def _images(args, size=None):
     s = size or args.img_size
     x = torch.randn(args.batch, 3, s, s, device=args.device)
-    return x.contiguous(memory_format=torch.channels_last) if getattr(args, "channels_last", False) else x
+    return x.contiguous(memory_format=torch.channels_last) if args.channels_last else x
 
 
 def _coswin(preset: str, embed: str):
@@ -270,11 +270,11 @@ def bench_component(comp: Component, args) -> dict:
 
     model, forward, loss_of = comp.build(args)
     model = model.to(device)
-    if getattr(args, "plain_attn", False):  # window attention (CoSwin, Video CoSwin) has both paths
+    if args.plain_attn:  # window attention (CoSwin, Video CoSwin) has both paths
         for m in model.modules():
             if hasattr(m, "fused"):
                 m.fused = False
-    if getattr(args, "channels_last", False):
+    if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     runner = torch.compile(model) if args.compile else model
     params = sum(p.numel() for p in model.parameters())
@@ -292,7 +292,7 @@ def bench_component(comp: Component, args) -> dict:
 
     row = {"component": comp.name, "device": args.device, "dtype": args.dtype, "batch": args.batch,
            "img_size": args.img_size, "compile": args.compile, "grad_ckpt": args.grad_ckpt,
-           "plain_attn": getattr(args, "plain_attn", False), "channels_last": getattr(args, "channels_last", False),
+           "plain_attn": args.plain_attn, "channels_last": args.channels_last,
            "params_M": round(params / 1e6, 2)}
     model.eval()
     row["flops_fwd"] = count_flops(fwd) / args.batch

@@ -85,19 +85,29 @@ PRESETS: dict[str, CoSwinConfig] = {
 }
 
 
+def preset_config(presets: dict, name: str, what: str = "CoSwin", **overrides):
+    """presets[name] with fields overridden; an unknown name fails naming the choices (Video CoSwin too)."""
+    if name not in presets:
+        raise ValueError(f"unknown {what} preset {name!r}; choose one of {sorted(presets)}")
+    return replace(presets[name], **overrides)
+
+
+def meta_param_count(model_cls, presets: dict, name_or_cfg, **overrides) -> int:
+    """Parameters of model_cls(config), built on the meta device (no memory is allocated for weights)."""
+    cfg = name_or_cfg if not isinstance(name_or_cfg, str) else preset_config(presets, name_or_cfg, model_cls.__name__)
+    with torch.device("meta"):
+        model = model_cls(replace(cfg, **overrides))
+    return sum(p.numel() for p in model.parameters())
+
+
 def build(name: str = "tiny", **overrides) -> "CoSwin":
     """`build("tiny")` is CoSwin-T; `build("tiny", embed="patch", num_classes=1000)` is Swin-T."""
-    if name not in PRESETS:
-        raise ValueError(f"unknown CoSwin preset {name!r}; choose one of {sorted(PRESETS)}")
-    return CoSwin(replace(PRESETS[name], **overrides))
+    return CoSwin(preset_config(PRESETS, name, "CoSwin", **overrides))
 
 
 def count_params(name_or_cfg="tiny", **overrides) -> int:
-    """Parameter count of a preset, built on the meta device (no memory is allocated for weights)."""
-    cfg = PRESETS[name_or_cfg] if isinstance(name_or_cfg, str) else name_or_cfg
-    with torch.device("meta"):
-        model = CoSwin(replace(cfg, **overrides))
-    return sum(p.numel() for p in model.parameters())
+    """Parameter count of a preset (or config), built on the meta device."""
+    return meta_param_count(CoSwin, PRESETS, name_or_cfg, **overrides)
 
 
 # ----------------------------------------------------------------------------------------------------

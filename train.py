@@ -355,6 +355,27 @@ class Task:
                 sd[k] = coswin.resize_bias_table(v, (math.isqrt(own[k].shape[0]) + 1) // 2)
         model.load_state_dict(sd)
 
+    def held_out_set(self, build, hint: str):
+        """The --eval_data set of a task with classes, built once by build(spec, split, **kw) and checked:
+        a synthetic one gets --eval_size samples (unless its spec names a length, synthetic:N); a synthetic
+        held-out set for training files is refused (its classes would not be theirs); its classes must
+        equal self.classes. `hint` says what to give instead, e.g. "--eval_data folder:DIR"."""
+        if getattr(self, "_eval", None) is None:
+            import data as data_lib
+
+            kind, args, _ = data_lib.parse_spec(self.cfg.eval_data)
+            if kind == "synthetic" and data_lib.parse_spec(self.cfg.data)[0] != "synthetic":
+                raise SystemExit(f"train.py: --data {self.cfg.data!r} needs a held-out set of the same classes, "
+                                 f"not the synthetic one; give {hint}")
+            kw = {"length": self.cfg.eval_size} if kind == "synthetic" and not args else {}
+            ds = build(self.cfg.eval_data, "val", **kw)
+            classes = list(getattr(ds, "classes", None) or [])
+            if classes != self.classes:
+                raise SystemExit(f"train.py: --eval_data {self.cfg.eval_data!r} has other classes than --data "
+                                 f"{self.cfg.data!r} ({classes[:5]}… vs {self.classes[:5]}…); give both the same classes")
+            self._eval = ds
+        return self._eval
+
     def forward_backward(self, model, batch, step: int, scale: float, scaler=None):
         loss, logs = self.loss(model, batch, step)
         scaled = loss * scale
@@ -706,19 +727,9 @@ class DetectTask(Task):
         return self._train
 
     def eval_dataset(self):
-        if self._eval is None:
-            kind = self.cfg.eval_data.split(":")[0].strip()
-            if kind == "synthetic" and not self.cfg.data.startswith("synthetic"):
-                raise SystemExit(f"train.py: --data {self.cfg.data!r} needs a held-out set of the same classes; give "
-                                 "--eval_data coco:VAL_INSTANCES.json")
-            kw = {"length": self.cfg.eval_size} if kind == "synthetic" else {}
-            self._eval = self.data_lib.build_dataset(self.cfg.eval_data, split="val", img_size=self.cfg.img_size,
-                                                     task="detect", seed=self.cfg.seed, **kw)
-            classes = list(getattr(self._eval, "classes", None) or [])
-            if classes != self.classes:
-                raise SystemExit(f"train.py: --eval_data {self.cfg.eval_data!r} has other classes than --data "
-                                 f"({classes[:5]}… vs {self.classes[:5]}…); evaluate on a split of the same set")
-        return self._eval
+        return self.held_out_set(lambda spec, split, **kw: self.data_lib.build_dataset(
+            spec, split=split, img_size=self.cfg.img_size, task="detect", seed=self.cfg.seed, **kw),
+            "--eval_data coco:VAL_INSTANCES.json")
 
     def collate(self, samples):
         return self.data_lib.collate_detection(samples)
@@ -1401,17 +1412,7 @@ class VideoTask(Task):
         return self._train
 
     def eval_dataset(self):
-        if self._eval is None:
-            synthetic = self.cfg.eval_data.split(":")[0].split("?")[0].strip() == "synthetic"
-            if synthetic and not self.cfg.data.startswith("synthetic"):
-                raise SystemExit("train.py: --data is a video CSV but --eval_data is synthetic; give held-out clips "
-                                 "with --eval_data video:VAL.csv (same classes)")
-            ds = self._dataset(self.cfg.eval_data, "val", **({"length": self.cfg.eval_size} if synthetic else {}))
-            if list(getattr(ds, "classes", [])) != self.classes:
-                raise SystemExit(f"train.py: --eval_data {self.cfg.eval_data!r} has other classes than --data; "
-                                 "give both the same class list")
-            self._eval = ds
-        return self._eval
+        return self.held_out_set(self._dataset, "held-out clips with --eval_data video:VAL.csv")
 
     def collate(self, samples):
         return self.data_lib.collate_video(samples)
@@ -1688,17 +1689,7 @@ class ClassTask(Task):
         return self._train
 
     def eval_dataset(self):
-        if self._eval is None:
-            synthetic, sized = self._synthetic(self.cfg.eval_data)
-            if synthetic and not self._synthetic(self.cfg.data)[0]:
-                raise SystemExit(f"train.py: --data {self.cfg.data!r} is a folder but --eval_data is synthetic; give "
-                                 "held-out images of the same classes with --eval_data folder:DIR")
-            ds = self._dataset(self.cfg.eval_data, "val", **({"length": self.cfg.eval_size} if synthetic and not sized else {}))
-            if list(getattr(ds, "classes", None) or []) != self.classes:
-                raise SystemExit(f"train.py: --eval_data {self.cfg.eval_data!r} has other classes than --data "
-                                 f"{self.cfg.data!r}; give both the same class subfolders")
-            self._eval = ds
-        return self._eval
+        return self.held_out_set(self._dataset, "held-out images of the same classes with --eval_data folder:DIR")
 
     def collate(self, samples):
         return self.data_lib.collate_image_text(samples)

@@ -92,17 +92,12 @@ PRESETS: dict[str, VideoCoSwinConfig] = {name: video_config(cfg) for name, cfg i
 def build(name: str = "tiny", **overrides) -> "VideoCoSwin":
     """`build("toy")`: a Video CoSwin from scratch (random init); inflate a trained CoSwin with
     `VideoCoSwin.from_image_model`."""
-    if name not in PRESETS:
-        raise ValueError(f"unknown Video CoSwin preset {name!r}; choose one of {sorted(PRESETS)}")
-    return VideoCoSwin(replace(PRESETS[name], **overrides))
+    return VideoCoSwin(coswin.preset_config(PRESETS, name, "Video CoSwin", **overrides))
 
 
 def count_params(name_or_cfg="tiny", **overrides) -> int:
-    """Parameter count of a preset, built on the meta device (no memory is allocated for weights)."""
-    cfg = PRESETS[name_or_cfg] if isinstance(name_or_cfg, str) else name_or_cfg
-    with torch.device("meta"):
-        model = VideoCoSwin(replace(cfg, **overrides))
-    return sum(p.numel() for p in model.parameters())
+    """Parameter count of a preset (or config), built on the meta device."""
+    return coswin.meta_param_count(VideoCoSwin, PRESETS, name_or_cfg, **overrides)
 
 
 # ----------------------------------------------------------------------------------------------------

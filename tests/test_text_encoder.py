@@ -231,3 +231,25 @@ def test_toy_encoder_with_toy_tokenizer(trained):
     model = text_encoder.build("toy", vocab_size=trained.vocab_size)
     out = model(trained(_corpus(4), model.cfg.context_length))
     assert out.shape == (4, model.num_features) and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_trimmed_tokens_give_the_same_embeddings(trained, causal):
+    # Tokenizer(trim=True) pads only to the longest caption: the pooled <eot> states must not change (causal:
+    # no token before <eot> sees a later pad; bidirectional: pads are masked keys), in values and gradients.
+    texts = ["red", "a small red circle above a blue square", "a blue star", "green"]
+    full, cut = trained(texts, 32), trained(texts, 32, trim=True)
+    longest = max(len(trained.encode(t)) for t in texts) + 2
+    assert cut.shape == (4, longest) and longest < 32 and torch.equal(full[:, :longest], cut)
+    torch.manual_seed(0)
+    model = text_encoder.build("toy", vocab_size=trained.vocab_size, causal=causal).double()  # float64: exact
+    outs, grads = [], []
+    for t in (full, cut):
+        model.zero_grad()
+        y = model(t)
+        y.square().sum().backward()
+        outs.append(y.detach())
+        grads.append(model.token_embedding.weight.grad.clone())
+    torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=1e-10)
+    torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=1e-10)
+    assert trained(texts, 4, trim=True).shape == (4, 4)  # never wider than the context

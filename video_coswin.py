@@ -18,11 +18,23 @@ An image CoSwin (coswin.py) becomes a video model with almost nothing learned fr
 Choices the paper leaves open (Video Swin, arXiv 2106.13230, uses patch (2,4,4) and windows (8,7,7)):
 
   * Temporal kernels tile the clip: the stem's temporal kernel equals its temporal stride (K_t, default
-    2, Video Swin's), and so does each transition's (`temporal_merge`, default (1,1,1): time is reduced
-    only by the tokenizer, as in Video Swin; 2 halves T at that transition). No zero frames are padded in
-    time: a zero frame next to real ones would change the edge tokens of a static clip. A clip whose T is
-    not a multiple of a temporal stride is completed by repeating its last frame (a static clip stays
-    static); a clip with fewer than K_t frames is an error.
+    2, Video Swin's), and so does each transition's (`temporal_merge`; 1 keeps T at that transition, 2
+    halves it). No zero frames are padded in time: a zero frame next to real ones would change the edge
+    tokens of a static clip. A clip whose T is not a multiple of a temporal stride is completed by
+    repeating its last frame (a static clip stays static); a clip with fewer than K_t frames is an error.
+  * `temporal_merge` default (2, 2, 1, ...): the first two transitions halve T (Video Swin reduces time
+    only in its tokenizer, (1, 1, 1)). Why (our reading of the runs in README "video"): a temporal-merge
+    conv has its own weights per time offset, so from a random init its features already tell "before"
+    from "after", and its gradient is first-order in the motion. Attention cannot: softmax averages
+    values with the same projection at every Δt, and its only handle on temporal order, the bias table
+    (random ±.02, or exactly Δt-symmetric when inflated), starts symmetric, so order enters only through
+    a product of two small things. Toy preset, 32² clips of 8 frames, batch 32: with (1, 1, 1) it sat at
+    chance (12.5%, 8 actions) for 1,500 steps at lr 1e-3 and was at 14% after 500 steps at lr 1e-4; with
+    (2, 2, 1) it left chance after ~300 steps at lr 1e-4 and reached 96% by 1,500 (at lr 1e-3 it too
+    stayed at chance: both changes are needed). Inflated weights (W_2D/k_t per offset) keep the
+    static-clip invariance at any temporal_merge; a freshly inflated model is even blind to the order of
+    the frames (a clip and its reverse pool alike, tests/test_video_coswin.py), but the gradient of a merge
+    conv differs between its offsets from the first step.
   * Dynamic window size (`windows`, one (Wt, Wh, Ww) per stage): small windows early, larger later.
     Default: temporal extents (2, 4, 8, 8) tokens and the image model's spatial window M at every stage,
     so every spatial table is inherited without resizing. A window larger than the feature map shrinks to
@@ -60,8 +72,15 @@ from coswin import CoSwin, CoSwinConfig, DropPath, Mlp, WindowAttention
 class VideoCoSwinConfig(CoSwinConfig):
     """A CoSwinConfig (every image field means the same) plus the three video choices."""
     temporal_kernel: int = 2  # K_t of the tokenizer (= its temporal stride)
-    temporal_merge: tuple = (1, 1, 1)  # temporal kernel = stride of each stage transition
+    temporal_merge: tuple | None = None  # temporal kernel = stride of each transition; None = default_temporal_merge
     windows: tuple | None = None  # ((Wt, Wh, Ww) per stage); None = default_windows(window_size, stages)
+
+    def stage_temporal_merge(self) -> tuple:
+        n = len(self.depths)
+        tm = tuple(self.temporal_merge) if self.temporal_merge is not None else default_temporal_merge(n)
+        if len(tm) != n - 1 or any(int(k) < 1 for k in tm):
+            raise ValueError(f"temporal_merge needs one stride ≥ 1 per transition ({n - 1}), got {self.temporal_merge}")
+        return tuple(int(k) for k in tm)
 
     def stage_windows(self) -> list[tuple[int, int, int]]:
         ws = self.windows if self.windows is not None else default_windows(self.window_size, len(self.depths))
@@ -75,6 +94,12 @@ class VideoCoSwinConfig(CoSwinConfig):
 def default_windows(M: int, stages: int = 4) -> tuple:
     """Dynamic window size: temporal extent 2, 4, 8, 8 tokens over the stages; the image window M in space."""
     return tuple((min(8, 2 ** (i + 1)), M, M) for i in range(stages))
+
+
+def default_temporal_merge(stages: int = 4) -> tuple:
+    """Temporal stride of each stage transition: 2 at the first two (T/K_t → T/2K_t → T/4K_t), then 1.
+    See the top of the file for why (per-offset temporal weights learn motion; attention starts blind to order)."""
+    return tuple(2 if i < 2 else 1 for i in range(stages - 1))
 
 
 def video_config(image_cfg: CoSwinConfig, **video) -> VideoCoSwinConfig:
@@ -346,8 +371,7 @@ class VideoCoSwin(nn.Module):
         if cfg.embed != "conv":
             raise ValueError("VideoCoSwin has convolutional embeddings only (embed='conv')")
         n = len(cfg.depths)
-        if len(cfg.temporal_merge) != n - 1:
-            raise ValueError(f"temporal_merge needs one stride per transition ({n - 1}), got {cfg.temporal_merge}")
+        merge = cfg.stage_temporal_merge()
         self.cfg = cfg
         dims = [cfg.embed_dim * 2 ** i for i in range(n)]
         windows = cfg.stage_windows()
@@ -362,7 +386,7 @@ class VideoCoSwin(nn.Module):
             blocks = [SwinBlock3D(dims[i], cfg.num_heads[i], w, (0, 0, 0) if j % 2 == 0 else tuple(v // 2 for v in w),
                                   cfg.mlp_ratio, cfg.qkv_bias, cfg.drop_rate, cfg.attn_drop_rate,
                                   dpr[sum(cfg.depths[:i]) + j], cfg.fused_attn) for j in range(cfg.depths[i])]
-            kt = cfg.temporal_merge[i] if i < n - 1 else None
+            kt = merge[i] if i < n - 1 else None
             down = ConvMerging3D(dims[i], dims[i + 1], (kt, 3, 3), (kt, 2, 2), (0, 1, 1)) if i < n - 1 else None
             self.layers.append(Stage3D(blocks, down, cfg.grad_checkpointing))
         self.norm = nn.LayerNorm(self.num_features)
@@ -385,7 +409,7 @@ class VideoCoSwin(nn.Module):
             image = copy.deepcopy(image)
         n = len(image.layers)
         video = {"temporal_kernel": temporal_kernel, "windows": windows,
-                 "temporal_merge": tuple(temporal_merge) if temporal_merge is not None else (1,) * (n - 1)}
+                 "temporal_merge": tuple(temporal_merge) if temporal_merge is not None else default_temporal_merge(n)}
         cfg = video_config(image.cfg, **video)
         with torch.device("meta"):  # the skeleton only: every module is replaced by an inflated one below
             model = cls(replace(cfg, num_classes=0))
@@ -394,7 +418,8 @@ class VideoCoSwin(nn.Module):
         model.pos_drop = image.pos_drop
         for i, (layer2d, w) in enumerate(zip(image.layers, cfg.stage_windows())):
             blocks = [SwinBlock3D.inflate(b, w) for b in layer2d.blocks]
-            down = ConvMerging3D.inflate(layer2d.downsample, cfg.temporal_merge[i]) if layer2d.downsample else None
+            down = (ConvMerging3D.inflate(layer2d.downsample, cfg.stage_temporal_merge()[i])
+                    if layer2d.downsample else None)
             model.layers[i] = Stage3D(blocks, down, layer2d.grad_checkpointing)
         model.norm, model.head = image.norm, image.head
         return model

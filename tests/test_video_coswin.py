@@ -77,15 +77,27 @@ def test_static_clip_invariance_in_float32_with_the_toy_preset():
 
 def test_a_moving_clip_is_not_a_static_one():
     """The converse, so the invariance test cannot pass by ignoring time: frames that differ change the
-    features of the inflated model."""
+    features of the inflated model.
+
+    The order of the frames, though, is invisible to a freshly inflated model: every temporal kernel is
+    W_2D/k_t at each offset and the bias tables do not depend on Δt, so the network commutes with time
+    reversal and a clip and its reverse pool to the same vector (here the default merge leaves T = 1 in
+    the last map). Fine-tuning must create the asymmetry; once a temporal kernel differs between its
+    offsets (as after any training step on motion), order matters."""
     image = image_model()
     video = VideoCoSwin.from_image_model(image).eval()
     clip = torch.randn(1, 3, 8, 32, 32, dtype=torch.float64)
     with torch.no_grad():
-        a = video.forward_features(clip)[-1]
+        a0, *_, a = video.forward_features(clip)
         b = video.forward_features(clip.flip(2))[-1]
-    assert (a[:, :, 0] - a[:, :, -1]).abs().max() > 1e-3  # time steps differ
-    assert (a - b).abs().max() > 1e-3  # and the order of the frames matters
+    assert a.shape[2] == 1
+    assert (a0[:, :, 0] - a0[:, :, -1]).abs().max() > 1e-3  # time steps differ
+    assert (a - b).abs().max() < 1e-10  # but the inflated model cannot tell the order
+    with torch.no_grad():
+        w = video.layers[0].downsample.proj.weight  # (C_out, C_in, 2, 3, 3), both offsets W_2D / 2
+        w[:, :, 0] += 0.05 * torch.randn_like(w[:, :, 0])
+        a, b = video.forward_features(clip)[-1], video.forward_features(clip.flip(2))[-1]
+    assert (a - b).abs().max() > 1e-3  # a temporal kernel that differs between offsets sees the order
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -255,6 +267,21 @@ def test_windows_shrink_to_the_map_time_alone_and_space_by_coswins_rule():
     assert blk2.window_and_shift(3, 9) == (3, 0)
 
 
+def test_default_temporal_merge_halves_time_at_the_first_two_transitions():
+    assert vc.default_temporal_merge(4) == (2, 2, 1) and vc.default_temporal_merge(3) == (2, 2)
+    assert vc.default_temporal_merge(2) == (2,)
+    assert vc.PRESETS["tiny"].stage_temporal_merge() == (2, 2, 1)
+    clip = torch.randn(1, 3, 8, 32, 32)
+    for model in (vc.build("toy"), VideoCoSwin.from_image_model(coswin.build("toy"))):
+        with torch.no_grad():
+            maps = model.forward_features(clip)
+        assert [m.shape[2] for m in maps] == [4, 2, 1, 1]  # T/K_t, then halved twice
+        assert [l.downsample.proj.kernel_size[0] for l in model.layers[:-1]] == [2, 2, 1]
+    with torch.no_grad():  # (1, 1, 1) (Video Swin's: time reduced by the tokenizer only) stays available
+        maps = vc.build("toy", temporal_merge=(1, 1, 1)).forward_features(clip)
+    assert [m.shape[2] for m in maps] == [4, 4, 4, 4]
+
+
 def test_dynamic_window_sizes_default_and_override():
     cfg = vc.PRESETS["tiny"]
     assert cfg.stage_windows() == [(2, 7, 7), (4, 7, 7), (8, 7, 7), (8, 7, 7)]
@@ -329,7 +356,9 @@ def test_huge_preset_parameter_count_on_the_meta_device():
     heads, depths = (11, 22, 44, 88), (2, 2, 16, 2)
     extra_tables = sum(d * h * 13 * 13 * (2 * wt - 1 - 1) for d, h, wt in zip(depths, heads, (2, 4, 8, 8)))
     extra_stem = 3 * 352 * 7 * 7 * (2 - 1)
-    assert n == image + extra_tables + extra_stem
+    # the first two patch mergings have temporal kernel 2 (default_temporal_merge): one more 3×3 slice each
+    extra_merge = sum(c * 2 * c * 3 * 3 * (kt - 1) for c, kt in zip((352, 704, 1408), (2, 2, 1)))
+    assert n == image + extra_tables + extra_stem + extra_merge
     with torch.device("meta"):
         inflated = VideoCoSwin.from_image_model(coswin.build("huge"), copy_weights=False)
     assert sum(p.numel() for p in inflated.parameters()) == n

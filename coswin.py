@@ -74,7 +74,7 @@ class CoSwinConfig:
 # 12·(4C)² ≈ 23.8M, so two fewer gives depths [2, 2, 16, 2]: 633,280,450 (count_params("huge"),
 # no head) = 633.3M, −0.6% from 637M. tests/test_coswin.py checks the ±3% window on the meta device.
 PRESETS: dict[str, CoSwinConfig] = {
-    # CPU-fast: for tests and the toy run (64×64 images → maps 16, 8, 4, 2).
+    # CPU-fast: for tests and the adapters' toy towers built from scratch (64×64 images → maps 16, 8, 4, 2).
     "toy": CoSwinConfig(embed_dim=32, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8), window_size=4,
                         drop_path_rate=0.0, init="fan_in"),
     # The tower of the default CPU pretraining (`python train.py`, 64×64 images → maps 16, 8, 4, 2): toy at half

@@ -407,19 +407,16 @@ class VideoCoSwin(nn.Module):
             raise TypeError(f"from_image_model expects a coswin.CoSwin, got {type(image).__name__}")
         if copy_weights:
             image = copy.deepcopy(image)
-        n = len(image.layers)
-        video = {"temporal_kernel": temporal_kernel, "windows": windows,
-                 "temporal_merge": tuple(temporal_merge) if temporal_merge is not None else default_temporal_merge(n)}
-        cfg = video_config(image.cfg, **video)
+        cfg = video_config(image.cfg, temporal_kernel=temporal_kernel, windows=windows, temporal_merge=temporal_merge)
         with torch.device("meta"):  # the skeleton only: every module is replaced by an inflated one below
             model = cls(replace(cfg, num_classes=0))
         model.cfg = cfg
         model.patch_embed = ConvEmbed3D.inflate(image.patch_embed, temporal_kernel)
         model.pos_drop = image.pos_drop
+        merge = cfg.stage_temporal_merge()
         for i, (layer2d, w) in enumerate(zip(image.layers, cfg.stage_windows())):
             blocks = [SwinBlock3D.inflate(b, w) for b in layer2d.blocks]
-            down = (ConvMerging3D.inflate(layer2d.downsample, cfg.stage_temporal_merge()[i])
-                    if layer2d.downsample else None)
+            down = ConvMerging3D.inflate(layer2d.downsample, merge[i]) if layer2d.downsample else None
             model.layers[i] = Stage3D(blocks, down, layer2d.grad_checkpointing)
         model.norm, model.head = image.norm, image.head
         return model

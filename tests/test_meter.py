@@ -402,3 +402,66 @@ def test_itm_mlm_run_then_vqa_from_its_checkpoint(tmp_path, pretrained):
         if not k.startswith("vqa_head"):
             torch.testing.assert_close(a, theirs[k], rtol=0, atol=0, msg=k)
     assert v.task.tokenizer.merges == t.task.tokenizer.merges
+
+
+def test_towers_train_at_a_fifth_of_the_lr_and_a_zero_multiplier_freezes_the_image_tower(tmp_path, pretrained):
+    """METER's fine-tuning: the backbones at `--tower_lr` × the fusion's lr; `--image_tower_lr 0` makes the image
+    tower a fixed feature extractor: no gradient, no optimizer state, kept in eval mode, features unchanged by
+    training, and the same features as the tower run by itself."""
+    t = make_trainer(tmp_path, "--task", "vqa", "--init_from", pretrained[0], "--max_steps", "2", "--tower_lr", "0.2",
+                     "--image_tower_lr", "0", name="frozen")
+    m = t.model
+    assert not any(p.requires_grad for p in m.image_encoder.parameters())
+    in_opt = {id(p) for g in t.optimizer.param_groups for p in g["params"]}
+    assert not any(id(p) in in_opt for p in m.image_encoder.parameters())
+    scale_of = {id(p): g["lr_scale"] for g in t.optimizer.param_groups for p in g["params"]}
+    assert {scale_of[id(p)] for p in m.text_encoder.parameters()} == {0.2}
+    assert {scale_of[id(p)] for n, p in m.named_parameters() if n.startswith(("text_layers.", "vqa_head."))} == {1.0}
+    m.train()
+    assert m.training and m.text_layers.training and not m.image_encoder.training
+    before = {k: v.clone() for k, v in m.image_encoder.state_dict().items()}
+    text_before = m.text_encoder.token_embedding.weight.clone()
+    t.fit()
+    for k, v in m.image_encoder.state_dict().items():
+        torch.testing.assert_close(v, before[k], rtol=0, atol=0, msg=k)
+    assert not torch.equal(m.text_encoder.token_embedding.weight, text_before)  # the text tower does train
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ref = m.image_encoder.eval().forward_features(x)[m.levels[0]]
+    y = m.image_features(x)
+    assert y.requires_grad  # the projection trains on top of the fixed features
+    h, w = ref.shape[-2:]
+    torch.testing.assert_close(y[:, : h * w], m.image_proj[0](ref.flatten(2).transpose(1, 2))
+                               + m.image_pos_proj(meter_sincos(h, w)), rtol=1e-5, atol=1e-6)
+    with pytest.raises(SystemExit, match="tower_lr"):
+        make_trainer(tmp_path, "--task", "vqa", "--init_from", pretrained[0], "--tower_lr", "-1", name="neg")
+
+
+def meter_sincos(h, w):
+    import meter
+
+    return meter.sincos_2d(h, w, meter.POS_FREQS)
+
+
+def test_vqa_runs_at_twice_the_pretraining_size_unless_told():
+    from train import parse_config, resolved
+
+    assert resolved(parse_config(["--task", "vqa"])).img_size == 2 * resolved(parse_config([])).img_size == 128
+    assert resolved(parse_config(["--task", "vqa", "--img_size", "96"])).img_size == 96
+    assert resolved(parse_config(["--task", "itm_mlm"])).img_size == 64  # ShapesText: the pretraining's own scale
+
+
+def test_image_frozen_stages_freeze_the_stem_and_the_first_stages_only(tmp_path, pretrained):
+    t = make_trainer(tmp_path, "--task", "vqa", "--init_from", pretrained[0], "--max_steps", "1",
+                     "--image_frozen_stages", "2", name="partial")
+    enc = t.model.image_encoder
+    frozen = [enc.patch_embed, enc.layers[0], enc.layers[1]]
+    assert not any(p.requires_grad for m in frozen for p in m.parameters())
+    assert all(p.requires_grad for m in (enc.layers[2], enc.layers[3], enc.norm) for p in m.parameters())
+    before = {n: p.detach().clone() for n, p in enc.named_parameters()}
+    t.fit()
+    moved = {n for n, p in enc.named_parameters() if not torch.equal(p, before[n])}
+    assert not any(n.startswith(("patch_embed.", "layers.0.", "layers.1.")) for n in moved)  # frozen: unchanged
+    assert any(n.startswith("layers.2.") for n in moved) and any(n.startswith("layers.3.") for n in moved)
+    with pytest.raises(SystemExit, match="image_frozen_stages 5 exceeds"):
+        make_trainer(tmp_path, "--task", "vqa", "--init_from", pretrained[0], "--image_frozen_stages", "5", name="p5")

@@ -1081,8 +1081,8 @@ class MeterTask(Task):
                 if n.startswith(("image_encoder.", "text_encoder."))}
 
     def freeze_towers(self, model: nn.Module) -> nn.Module:
-        """A tower whose multiplier is 0 is frozen (no gradient, no optimizer state; METER runs a frozen image
-        tower without autograd and in eval mode)."""
+        """A tower whose multiplier is 0 is frozen (no gradient, no optimizer state; meter.METER runs a frozen
+        image tower without autograd and in eval mode); `--image_frozen_stages k` freezes its stem and first k stages."""
         image, text = self.tower_scales()
         if image < 0 or text < 0:
             raise SystemExit(f"train.py: --tower_lr / --image_tower_lr must be ≥ 0 (0 freezes), got {text} / {image}")

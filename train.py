@@ -1277,11 +1277,10 @@ class VQATask(MeterTask):
     def heads(self):
         return {"pretrain_heads": False, "num_answers": len(self.answers)}
 
-    def build_model(self):
-        model = super().build_model()
-        if self.cfg.vqa_blind:  # no gradient reaches the image tower: freeze it (DDP needs every used weight to get one)
-            model.image_encoder.requires_grad_(False)
-        return model
+    def tower_scales(self):
+        image, text = super().tower_scales()
+        # blind: no gradient reaches the image tower, so freeze it (DDP needs every used weight to get one)
+        return (0.0 if self.cfg.vqa_blind else image), text
 
     def collate(self, samples):
         batch = self.data_lib.collate_vqa(samples)

@@ -432,15 +432,9 @@ def test_towers_train_at_a_fifth_of_the_lr_and_a_zero_multiplier_freezes_the_ima
     assert y.requires_grad  # the projection trains on top of the fixed features
     h, w = ref.shape[-2:]
     torch.testing.assert_close(y[:, : h * w], m.image_proj[0](ref.flatten(2).transpose(1, 2))
-                               + m.image_pos_proj(meter_sincos(h, w)), rtol=1e-5, atol=1e-6)
+                               + m.image_pos_proj(meter.sincos_2d(h, w, meter.POS_FREQS)), rtol=1e-5, atol=1e-6)
     with pytest.raises(SystemExit, match="tower_lr"):
         make_trainer(tmp_path, "--task", "vqa", "--init_from", pretrained[0], "--tower_lr", "-1", name="neg")
-
-
-def meter_sincos(h, w):
-    import meter
-
-    return meter.sincos_2d(h, w, meter.POS_FREQS)
 
 
 def test_vqa_runs_at_twice_the_pretraining_size_unless_told():

@@ -104,6 +104,7 @@ class Config:
     image_tower_lr: float = -1.0  # ≥ 0: the image tower's own multiplier (0: frozen, a fixed feature extractor)
     image_frozen_stages: int = 0  # > 0: the image tower's stem and first N stages are frozen (no backward through them)
     vqa_blind: bool = False  # image-blind ablation: image features zeroed before the fusion
+    vqa_questions: int = 1  # ShapesVQA training questions per image (the held-out set keeps one); --task vqa: 3
     # evaluation, logging, checkpoints
     eval_every: int = 250
     eval_size: int = 1000  # held-out samples for evaluation (synthetic / capped for files)
@@ -995,7 +996,7 @@ class MeterTask(Task):
     def tokenize(self, texts: list[str]) -> torch.Tensor:
         L = self.context_length
         self.truncated += sum(len(self.tokenizer.encode(t)) > L - 2 for t in texts)
-        return self.tokenizer(texts, L)
+        return self.tokenizer(texts, L, trim=not self.cfg.compile)  # pad to the longest row: same outputs, less work
 
     # -- model -----------------------------------------------------------------------------------------
     def _tokenizer_for_fresh_towers(self):
@@ -1258,9 +1259,13 @@ class VQATask(MeterTask):
     data_task = "vqa"
     img_scale = 2  # --img_size 0: twice the preset's pretraining size (METER fine-tunes VQA at 576 after 288)
     defaults = dict(batch_size=64, lr=1e-3, weight_decay=0.01, warmup_steps=50, max_steps=5000, max_minutes=14.0,
-                    eval_every=200, eval_size=1000, ckpt_every=200, image_frozen_stages=2)
+                    eval_every=200, eval_size=1000, ckpt_every=200, image_frozen_stages=2,
+                    vqa_questions=3)
 
     def __init__(self, cfg: Config, d: Dist):
+        if cfg.vqa_questions < 1:
+            raise SystemExit(f"train.py: --vqa_questions must be at least 1 (questions per training image), got "
+                             f"{cfg.vqa_questions}")
         super().__init__(cfg, d)
         self.answers = list(getattr(self._train, "answers", None) or [])
         if not self.answers:
@@ -1283,10 +1288,17 @@ class VQATask(MeterTask):
         return (0.0 if self.cfg.vqa_blind else image), text
 
     def collate(self, samples):
-        batch = self.data_lib.collate_vqa(samples)
-        if "image" in batch:
-            batch["question_type"] = [s.get("question_type", "") for s in samples if s is not None]
-        return batch
+        return self.data_lib.collate_vqa(samples)
+
+    def _dataset(self, spec: str, split: str, **kw):
+        # several training questions per synthetic image: the image tower runs once for all of them
+        many = split == "train" and self.cfg.vqa_questions > 1 and spec.split(":")[0].split("?")[0].strip() == "synthetic"
+        return super()._dataset(spec, split, **kw, **({"questions": self.cfg.vqa_questions} if many else {}))
+
+    def _logits(self, model, batch, tokens):
+        image_index = batch.get("image_index")
+        return model(batch["image"].to(self.dist.device, non_blocking=True), tokens, blind=self.cfg.vqa_blind,
+                     image_index=None if image_index is None else image_index.to(self.dist.device))["vqa"]
 
     def loss(self, model, batch, step):
         import meter
@@ -1296,7 +1308,7 @@ class VQATask(MeterTask):
         dev = self.dist.device
         tokens = self.tokenize(batch["question"]).to(dev, non_blocking=True)
         target = batch["target"].to(dev)
-        logits = model(batch["image"].to(dev, non_blocking=True), tokens, blind=self.cfg.vqa_blind)["vqa"]
+        logits = self._logits(model, batch, tokens)
         known = target.sum(dim=1) > 0  # some annotator answer is in the vocabulary
         self.oov += int((~known).sum())
         loss = meter.vqa_loss(logits[known], target[known]) if bool(known.any()) else logits.sum() * 0.0
@@ -1315,13 +1327,14 @@ class VQATask(MeterTask):
             for batch in loader:
                 if "image" not in batch:
                     continue
-                tokens = self.tokenizer(batch["question"], self.context_length).to(self.dist.device)
-                logits = model(batch["image"].to(self.dist.device), tokens, blind=self.cfg.vqa_blind)["vqa"]
+                tokens = self.tokenizer(batch["question"], self.context_length, trim=True).to(self.dist.device)
+                logits = self._logits(model, batch, tokens)
                 probs.append(logits.float().sigmoid().cpu())
                 targets.append(batch["target"])
                 qtypes += batch["question_type"]
                 questions += batch["question"]
-                images.append(batch["image"][:max(0, 12 - sum(len(i) for i in images))])
+                row_images = batch["image"] if "image_index" not in batch else batch["image"][batch["image_index"]]
+                images.append(row_images[:max(0, 12 - sum(len(i) for i in images))])
                 if sum(len(p) for p in probs) >= max_n:
                     break
         finally:

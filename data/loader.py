@@ -50,16 +50,27 @@ def collate_detection(batch: list) -> dict:
 
 
 def collate_vqa(batch: list) -> dict:
+    """-> {"image": (B,3,H,W), "question", "answers", "target": (Q, A), "question_type", ["answer"], "skipped"}
+    with one row per question. A sample may carry `more_questions` (ShapesVQA(questions=k)): they become rows
+    of their own, and "image_index" (Q,) then names each row's image (METER runs each image once)."""
     good, skipped = _keep(batch)
     if not good:
         return {"skipped": skipped}
+    rows, image_index = [], []
+    for i, s in enumerate(good):
+        for q in [s, *s.get("more_questions", ())]:
+            rows.append(q)
+            image_index.append(i)
     out = {"image": torch.stack([s["image"] for s in good]),
-           "question": [s["question"] for s in good],
-           "answers": [list(s["answers"]) for s in good],
-           "target": torch.stack([s["target"] for s in good]),
+           "question": [q["question"] for q in rows],
+           "answers": [list(q["answers"]) for q in rows],
+           "target": torch.stack([q["target"] for q in rows]),
+           "question_type": [q.get("question_type", "") for q in rows],
            "skipped": skipped}
-    if all("answer" in s for s in good):
-        out["answer"] = [s["answer"] for s in good]
+    if len(rows) > len(good):
+        out["image_index"] = torch.tensor(image_index, dtype=torch.long)
+    if all("answer" in q for q in rows):
+        out["answer"] = [q["answer"] for q in rows]
     return out
 
 

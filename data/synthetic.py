@@ -399,9 +399,12 @@ class ShapesVQA(_Synthetic):
     QTYPES = ("colour", "shape", "count", "exists", "position")
 
     def __init__(self, split: str = "train", length: int | None = None, img_size: int = 64, seed: int = 0,
-                 noise_max: float = 0.3):
+                 noise_max: float = 0.3, questions: int = 1):
         super().__init__(split, length, img_size, seed, {"train": 50_000, "val": 1_000})
+        if int(questions) < 1:
+            raise ValueError(f"ShapesVQA questions (per image) must be at least 1, got {questions}.")
         self.noise_max = noise_max
+        self.questions = int(questions)  # > 1: each sample also carries `more_questions` about the same image
         self.answer_index = {a: i for i, a in enumerate(self.answers)}
 
     def _draw_layout(self, rng):
@@ -415,8 +418,12 @@ class ShapesVQA(_Synthetic):
             if pos is not None:
                 objs.append(dict(cls=int(k), colour=int(k) // 4, shape=int(k) % 4, cx=pos[0], cy=pos[1], r=r))
         q = self._question(rng, objs)
-        sig = ("vqa", q[0], q[1]) + tuple(sorted((o["cls"], int(4 * o["cx"] / S), int(4 * o["cy"] / S)) for o in objs))
-        return sig, (objs, q)
+        return self._signature(objs, q), (objs, q)
+
+    def _signature(self, objs, q) -> tuple:
+        """What decides the split: the question, its answer and the layout on a 4 × 4 grid."""
+        S = self.img_size
+        return ("vqa", q[0], q[1]) + tuple(sorted((o["cls"], int(4 * o["cx"] / S), int(4 * o["cy"] / S)) for o in objs))
 
     def _question(self, rng, objs):
         """-> (question, answer, type) about the scene; a question whose answer would be ambiguous is not asked."""
@@ -467,13 +474,38 @@ class ShapesVQA(_Synthetic):
         sig, (objs, (question, answer, qtype)) = self._sample_in_split(rng, self._draw_layout)
         for o in objs:
             o["rgb"], o["theta"] = _colour(rng, o["colour"]), rng.uniform(-0.4, 0.4)
+        annot = self._annotate(rng, answer, qtype)
+        scene = dict(signature=sig, objects=objs, background=_background_params(rng), question=question,
+                     answer=answer, qtype=qtype, answers=annot)
+        if self.questions > 1:
+            scene["more"] = self._more_questions(index, objs, question)
+        return scene
+
+    def _annotate(self, rng, answer: str, qtype: str) -> list[str]:
+        """Ten annotators; each errs with probability eps ~ U(0, noise_max) by naming another answer of the type."""
         pool = {"colour": COLOURS, "shape": SHAPES, "count": self.COUNTS, "exists": ("yes", "no"),
                 "position": self.RELS}[qtype]
         wrong = [a for a in pool if a != answer]
         eps = rng.uniform(0, self.noise_max)
-        annot = [wrong[int(rng.integers(len(wrong)))] if rng.random() < eps else answer for _ in range(10)]
-        return dict(signature=sig, objects=objs, background=_background_params(rng), question=question, answer=answer,
-                    qtype=qtype, answers=annot)
+        return [wrong[int(rng.integers(len(wrong)))] if rng.random() < eps else answer for _ in range(10)]
+
+    def _more_questions(self, index: int, objs: list, first: str) -> list[dict]:
+        """Up to `questions` − 1 further questions about the same scene (as VQA v2 and CLEVR ask several per
+        image). They come from a separate random stream, so the image and the first question are those of
+        questions=1. Not asked: a (question, layout) pair of the other split (so no held-out question is ever
+        trained on), a question already asked, or one of the same type and answer as a further one (paraphrases)."""
+        rng = np.random.default_rng([self.seed, self.split_id, index % self.length, 1])
+        asked, more = {first}, []
+        for _ in range(8 * self.questions):
+            if len(more) == self.questions - 1:
+                break
+            question, answer, qtype = self._question(rng, objs)
+            if {question, (qtype, answer)} & asked or not _in_split(self._signature(objs, (question, answer, qtype)),
+                                                                    self.split_id):
+                continue
+            asked |= {question, (qtype, answer)}
+            more.append(dict(question=question, answer=answer, qtype=qtype, answers=self._annotate(rng, answer, qtype)))
+        return more
 
     def render(self, scene: dict) -> np.ndarray:
         img = _background(scene["background"], self.img_size)
@@ -483,9 +515,14 @@ class ShapesVQA(_Synthetic):
 
     def __getitem__(self, index: int) -> dict:
         sc = self.scene(index)
-        return {"image": _to_tensor(self.render(sc)), "question": sc["question"], "answers": sc["answers"],
-                "target": soft_target(sc["answers"], self.answer_index), "answer": sc["answer"],
-                "question_type": sc["qtype"]}
+        sample = {"image": _to_tensor(self.render(sc)), **self._qa(sc)}
+        if self.questions > 1:
+            sample["more_questions"] = [self._qa(q) for q in sc["more"]]  # collate_vqa: one row each, same image
+        return sample
+
+    def _qa(self, q: dict) -> dict:
+        return {"question": q["question"], "answers": q["answers"], "target": soft_target(q["answers"], self.answer_index),
+                "answer": q["answer"], "question_type": q["qtype"]}
 
 
 # ----------------------------------------------------------------------------- video

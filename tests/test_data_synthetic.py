@@ -225,3 +225,25 @@ def test_one_frame_cannot_tell_the_action():
         assert np.allclose(states, states[0], atol=1e-9)
     x = ds[0]["video"]
     assert x.shape == (3, ds.num_frames, 32, 32) and x.dtype == torch.float32
+
+
+def test_vqa_several_questions_per_image_are_right_distinct_and_never_held_out():
+    from data.synthetic import _in_split
+
+    one, three = ShapesVQA(length=150, **SMALL), ShapesVQA(length=150, questions=3, **SMALL)
+    n_more = Counter()
+    for i in range(len(three)):
+        a, b, sc = one[i], three[i], three.scene(i)
+        assert torch.equal(a["image"], b["image"]) and a["question"] == b["question"]  # questions=1's sample first
+        assert "more_questions" not in a
+        asked = [b["question"]] + [q["question"] for q in b["more_questions"]]
+        assert len(set(asked)) == len(asked) and len(asked) <= 3
+        n_more[len(b["more_questions"])] += 1
+        for q in b["more_questions"]:
+            assert q["answer"] == _recompute_answer(q["question"], sc["objects"]), q["question"]
+            assert q["target"][three.answer_index[q["answer"]]] == pytest.approx(vqa_score(q["answers"].count(q["answer"])))
+            sig = three._signature(sc["objects"], (q["question"], q["answer"], q["question_type"]))
+            assert _in_split(sig, three.split_id) and not _in_split(sig, 1 - three.split_id)
+    assert n_more[2] > 140  # nearly every image gets its two further questions
+    with pytest.raises(ValueError, match="questions .* at least 1"):
+        ShapesVQA(questions=0, **SMALL)

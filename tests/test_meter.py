@@ -308,6 +308,28 @@ def test_the_model_overfits_a_single_vqa_batch():
     assert abs(float(score) - float(t.max(dim=1).values.mean())) < 1e-6  # each question's best answer
 
 
+def test_several_questions_per_image_are_one_row_each_and_share_one_image_pass():
+    ds = ShapesVQA("train", img_size=32, length=6, questions=3)
+    samples = [ds[i] for i in range(6)]
+    samples[2] = None  # an unreadable sample is skipped and counted; the rows still name the right image
+    batch = collate_vqa(samples)
+    per = [1 + len(s["more_questions"]) for s in samples if s is not None]
+    assert batch["skipped"] == 1 and len(batch["image"]) == 5 and len(batch["question"]) == sum(per)
+    assert batch["image_index"].tolist() == [i for i, k in enumerate(per) for _ in range(k)]
+    good = [s for s in samples if s is not None]
+    rows = [q for s in good for q in [s, *s["more_questions"]]]
+    assert batch["question"] == [q["question"] for q in rows] and batch["question_type"] == [q["question_type"] for q in rows]
+    torch.testing.assert_close(batch["target"], torch.stack([q["target"] for q in rows]))
+    # image_index: the same logits as repeating each image for each of its questions
+    tok = text_encoder.Tokenizer.train(batch["question"], VOCAB)
+    m = tiny(num_answers=len(ShapesVQA.answers)).eval()
+    tokens = tok(batch["question"], 16)
+    with torch.no_grad():
+        shared = m(batch["image"], tokens, image_index=batch["image_index"])["vqa"]
+        repeated = m(batch["image"][batch["image_index"]], tokens)["vqa"]
+    torch.testing.assert_close(shared, repeated, rtol=1e-5, atol=1e-5)
+
+
 # ----------------------------------------------------------------------------------------------------
 # train.py: --task itm_mlm / vqa from a pretraining checkpoint
 
@@ -356,6 +378,24 @@ def test_vqa_task_starts_from_the_pretrained_towers_with_a_bidirectional_text_to
     assert r.step == 2
     for (k, a), b in zip(r.model.state_dict().items(), m.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=k)
+
+
+def test_vqa_task_trains_on_several_questions_per_image_and_holds_out_one(tmp_path, pretrained):
+    t = make_trainer(tmp_path, "--task", "vqa", "--init_from", pretrained[0], "--max_steps", "1", name="q3")
+    assert t.cfg.vqa_questions == 3  # the task's default
+    batch = t.task.collate([t.task.train_dataset()[i] for i in range(4)])
+    assert len(batch["question"]) > 4 and batch["image_index"].max() == 3
+    torch.manual_seed(0)
+    loss, logs = t.task.loss(t.model.eval(), batch, 0)
+    tokens = t.task.tokenize(batch["question"])
+    with torch.no_grad():
+        ref = meter.vqa_loss(t.model(batch["image"][batch["image_index"]], tokens)["vqa"], batch["target"])
+    torch.testing.assert_close(loss.detach(), ref, rtol=1e-5, atol=1e-5)
+    probs, targets, qtypes, questions, images = t.task.predict(t.model, 16)
+    assert len(probs) == len(questions) == t.cfg.eval_size == 16  # held out: one question per image, as before
+    assert "more_questions" not in t.task.eval_dataset()[0]
+    with pytest.raises(SystemExit, match="vqa_questions must be at least 1"):
+        make_trainer(tmp_path, "--task", "vqa", "--init_from", pretrained[0], "--vqa_questions", "0", name="q0")
 
 
 def test_vqa_blind_ablation_ignores_the_image(tmp_path, pretrained):

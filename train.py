@@ -975,12 +975,16 @@ class MeterTask(Task):
         except (ValueError, OSError) as e:
             raise SystemExit(f"train.py: cannot build the {self.data_task} data {spec!r}: {e}") from None
 
+    @staticmethod
+    def _is_synthetic(spec: str) -> bool:  # "synthetic", "synthetic:N", "synthetic?key=value"
+        return spec.split(":")[0].split("?")[0].strip().lower() == "synthetic"
+
     def train_dataset(self):
         return self._train
 
     def eval_dataset(self):
         if self._eval is None:
-            synthetic = self.cfg.eval_data.split(":")[0].split("?")[0].strip() == "synthetic"
+            synthetic = self._is_synthetic(self.cfg.eval_data)
             if synthetic and not self.cfg.data.startswith("synthetic"):
                 raise SystemExit(f"train.py: --data {self.cfg.data!r} is a file but --eval_data is synthetic; give "
                                  f"held-out data of the same kind with --eval_data")
@@ -1293,7 +1297,7 @@ class VQATask(MeterTask):
 
     def _dataset(self, spec: str, split: str, **kw):
         # several training questions per synthetic image: the image tower runs once for all of them
-        many = split == "train" and self.cfg.vqa_questions > 1 and spec.split(":")[0].split("?")[0].strip() == "synthetic"
+        many = split == "train" and self.cfg.vqa_questions > 1 and self._is_synthetic(spec)
         return super()._dataset(spec, split, **kw, **({"questions": self.cfg.vqa_questions} if many else {}))
 
     def _logits(self, model, batch, tokens):

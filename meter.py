@@ -230,17 +230,20 @@ class METER(nn.Module):
         """As nn.Module.train, except that a frozen image tower stays in eval mode (no drop-path in a fixed
         feature extractor)."""
         super().train(mode)
-        if not any(p.requires_grad for p in self.image_encoder.parameters()):
+        if self.image_tower_frozen():
             self.image_encoder.eval()
         return self
+
+    def image_tower_frozen(self) -> bool:
+        """No parameter of the image tower requires grad: it is a fixed feature extractor."""
+        return not any(p.requires_grad for p in self.image_encoder.parameters())
 
     # -- the two streams ------------------------------------------------------------------------------
     def image_features(self, images: torch.Tensor, blind: bool = False) -> torch.Tensor:
         """images (B, 3, H, W) → projected image tokens (B, N, hidden), N = Σ over chosen stages of H_i·W_i.
         blind: the encoder's features are replaced by zeros (the tower runs without gradients, for the shapes).
         A frozen tower (no parameter requires grad) runs without autograd too: a fixed feature extractor."""
-        frozen = blind or not any(p.requires_grad for p in self.image_encoder.parameters())
-        with torch.no_grad() if frozen else contextlib.nullcontext():
+        with torch.no_grad() if blind or self.image_tower_frozen() else contextlib.nullcontext():
             maps = self.image_encoder.forward_features(images)
         tokens = []
         for proj, i in zip(self.image_proj, self.levels):

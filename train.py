@@ -985,7 +985,7 @@ class MeterTask(Task):
     def eval_dataset(self):
         if self._eval is None:
             synthetic = self._is_synthetic(self.cfg.eval_data)
-            if synthetic and not self.cfg.data.startswith("synthetic"):
+            if synthetic and not self._is_synthetic(self.cfg.data):
                 raise SystemExit(f"train.py: --data {self.cfg.data!r} is a file but --eval_data is synthetic; give "
                                  f"held-out data of the same kind with --eval_data")
             self._eval = self._dataset(self.cfg.eval_data, "val", **self._eval_options(synthetic))
@@ -1093,6 +1093,8 @@ class MeterTask(Task):
             raise SystemExit(f"train.py: --tower_lr / --image_tower_lr must be ≥ 0 (0 freezes), got {text} / {image}")
         if image == 0:
             model.image_encoder.requires_grad_(False)
+        if text == 0:
+            model.text_encoder.requires_grad_(False)
         k = self.cfg.image_frozen_stages
         if k > 0:  # detectron2's FREEZE_AT idea: the early, high-resolution stages are the costly ones to train
             enc = model.image_encoder
@@ -1101,8 +1103,6 @@ class MeterTask(Task):
                                  "stages")
             for part in [enc.patch_embed, *enc.layers[:k]] + ([enc.norm] if k == len(enc.layers) else []):
                 part.requires_grad_(False)
-        if text == 0:
-            model.text_encoder.requires_grad_(False)
         return model
 
     def init_from(self, model, ckpt, path, drop: tuple = ()):

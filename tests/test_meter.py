@@ -381,7 +381,7 @@ def test_vqa_task_starts_from_the_pretrained_towers_with_a_bidirectional_text_to
 
 
 def test_vqa_task_trains_on_several_questions_per_image_and_holds_out_one(tmp_path, pretrained):
-    t = make_trainer(tmp_path, "--task", "vqa", "--init_from", pretrained[0], "--max_steps", "1", name="q3")
+    t = make_trainer(tmp_path, "--task", "vqa", "--init_from", pretrained[0], "--max_steps", "1", name="q5")
     assert t.cfg.vqa_questions == 5  # the task's default
     batch = t.task.collate([t.task.train_dataset()[i] for i in range(4)])
     assert len(batch["question"]) > 4 and batch["image_index"].max() == 3

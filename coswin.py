@@ -55,8 +55,8 @@ class CoSwinConfig:
     num_classes: int = 0  # 0: no head, forward returns the pooled (B, C_4) vector
     # "swin": Swin's init (trunc-normal σ = .02 Linear weights, zero biases). "fan_in": PyTorch's default
     # Linear init (uniform ±1/√fan_in), whose larger residual branches make the blocks non-linear from step
-    # 0 — the toy preset's choice: from scratch, σ = .02 leaves a CPU-sized run in a plateau where it learns
-    # colour (nearly linear) at once but shape only after ~1000 steps (see README, "the toy run").
+    # 0 — the toy presets' choice: from scratch, σ = .02 leaves a CPU-sized run in a long plateau where it
+    # learns colour (nearly linear) at once but shape late (measured runs: docs/EXPERIMENTS.md, pretrain).
     init: str = "swin"
     fused_attn: bool = True  # F.scaled_dot_product_attention; False = the plain, readable math
     grad_checkpointing: bool = False
@@ -78,9 +78,9 @@ PRESETS: dict[str, CoSwinConfig] = {
     "toy": CoSwinConfig(embed_dim=32, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8), window_size=4,
                         drop_path_rate=0.0, init="fan_in"),
     # The tower of the default CPU pretraining (`python train.py`, 64×64 images → maps 16, 8, 4, 2): toy at half
-    # the width, a quarter of its FLOPs. On 2 CPU cores the image tower is most of a UniCL step, and the toy
-    # preset at 64² learns shape in fewer steps than at 32² but each step costs ~3× as much; nano at 64² gets
-    # the 64² grid at the 32² price (README, "the toy run": 1,500 steps in under 5 minutes, ≥ 90% zero-shot).
+    # the width, a quarter of its FLOPs. On a CPU the image tower is most of a UniCL step, and the toy preset
+    # learns shape in fewer steps at 64² than at 32², but each step costs ~3× as much; nano gets the
+    # 64² token grid at about the 32² price (measured runs: docs/EXPERIMENTS.md, pretrain).
     "nano": CoSwinConfig(embed_dim=16, depths=(2, 2, 2, 2), num_heads=(1, 1, 2, 4), window_size=4,
                          drop_path_rate=0.0, init="fan_in"),
     "tiny": CoSwinConfig(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24), drop_path_rate=0.2),

@@ -493,6 +493,19 @@ class Detector(nn.Module):
             nn.init.constant_(self.cls_logits.bias, prior)
         self.max_logit_scale = math.log(100.0)
 
+    @classmethod
+    def from_pretrained(cls, florence: nn.Module, cfg: DetectorConfig, classifier: str = "text",
+                        num_classes: int = 0) -> "Detector":
+        """The adapter on a pretrained Florence model (unicl.Florence): its CoSwin is the backbone; with
+        classifier "text" (fine-tuned) or "frozen" the classes are its text tower + projection (`TextTower`,
+        zero-shot by name), with "fixed" a logit per class (`num_classes`), the text tower unused."""
+        if classifier not in ("text", "frozen", "fixed"):
+            raise ValueError(f"classifier must be text, frozen or fixed, got {classifier!r}")
+        if classifier == "fixed":
+            return cls(florence.image_encoder, cfg, num_classes=num_classes)
+        text = TextTower(florence.text_encoder, florence.text_proj, trainable=classifier == "text")
+        return cls(florence.image_encoder, cfg, text=text)
+
     # -- classes ---------------------------------------------------------------------------------------
     @torch.no_grad()
     def set_classes(self, tokens: torch.Tensor):

@@ -23,7 +23,7 @@ Heads and objectives (METER §3 / its `objectives.py`):
        a random token, 10 % stay; text states → Linear, GELU, LN, Linear → vocabulary; cross-entropy on
        the chosen positions only.
   VQA  h → Linear(2H, 2H), LN, GELU, Linear(2H, A) → logits z; soft targets s ∈ {0, .3, .6, .9, 1}
-       (`data.vqa_score`: an answer given by k of 10 annotators scores min(1, k/3) rounded);
+       (`vqa_score`: an answer given by k of 10 annotators scores min(1, k/3) rounded);
        L = (1/B) Σ_b Σ_a BCE(σ(z_ba), s_ba); metric = mean_b s_{b, argmax_a z_ba}.
 Paper size: 6 layers per modality, hidden 768, 12 heads, FFN 3072 (PRESETS["florence"]); the CPU toy
 preset is 2 layers × 128.
@@ -47,9 +47,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-from data.synthetic import soft_target, vqa_score  # the VQA soft scores live with the data; re-exported here
-
-__all__ = ["METERConfig", "PRESETS", "build", "METER", "CoAttentionLayer", "Attention", "mask_tokens",
+__all__ = ["METERConfig", "PRESETS", "build", "from_pretrained", "METER", "CoAttentionLayer", "Attention", "mask_tokens",
            "itm_pairs", "itm_mlm_loss", "mlm_loss", "vqa_loss", "vqa_metric", "vqa_score", "soft_target",
            "count_fusion_params"]
 
@@ -99,6 +97,21 @@ def config(name: str, **overrides) -> METERConfig:
 def build(name: str, image_encoder: nn.Module, text_encoder: nn.Module, **overrides) -> "METER":
     """`build("toy", coswin_model, bidirectional_text_encoder, num_answers=18)`."""
     return METER(image_encoder, text_encoder, **dataclasses.asdict(config(name, **overrides)))
+
+
+def bidirectional(text_encoder: nn.Module) -> nn.Module:
+    """A causal text tower's weights in a bidirectional TextEncoder (only the attention mask differs)."""
+    text = type(text_encoder)(dataclasses.replace(text_encoder.cfg, causal=False))
+    text.load_state_dict(text_encoder.state_dict())
+    return text
+
+
+def from_pretrained(florence: nn.Module, name: str, **overrides) -> "METER":
+    """METER on the towers of a pretrained Florence model (unicl.Florence): its CoSwin as the image
+    encoder, its causal text tower's weights in a bidirectional copy (paper §2.5: METER's text side
+    attends both ways); the joint-space projections are not used. `from_pretrained(florence, "toy",
+    num_answers=18)`."""
+    return build(name, florence.image_encoder, bidirectional(florence.text_encoder), **overrides)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -409,6 +422,27 @@ def mlm_loss(mlm_logits: torch.Tensor, labels: torch.Tensor, text_states: torch.
         zero = (text_states.sum() if text_states is not None else mlm_logits.sum()) * 0.0
         return zero, float("nan")
     return F.cross_entropy(mlm_logits.float(), target), float((mlm_logits.argmax(-1) == target).float().mean())
+
+
+def vqa_score(count: int) -> float:
+    """Soft score of an answer given by `count` of 10 annotators: 0, .3, .6, .9, 1 for 0, 1, 2, 3, ≥4.
+
+    The table used by METER and ViLT (dandelin/ViLT, vilt/utils/write_vqa.py `get_score`, from
+    hengyuan-hu/bottom-up-attention-vqa, tools/compute_softscore.py) — a rounded min(1, k/3).
+    """
+    return (0.0, 0.3, 0.6, 0.9)[count] if count < 4 else 1.0
+
+
+def soft_target(answers: list[str], vocab_index: dict[str, int]) -> torch.Tensor:
+    """Ten annotator answers -> (len(vocab),) soft scores; answers outside the vocabulary score nothing."""
+    target = torch.zeros(len(vocab_index))
+    counts: dict[str, int] = {}
+    for a in answers:
+        counts[a] = counts.get(a, 0) + 1
+    for a, k in counts.items():
+        if a in vocab_index:
+            target[vocab_index[a]] = vqa_score(k)
+    return target
 
 
 def vqa_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

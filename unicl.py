@@ -15,8 +15,9 @@ the paper adds them). Under data parallelism B is the global batch (see `unicl_l
 
 Contents, in data-flow order: hash keys (`caption_key`, `class_key`, `batch_labels`) → prompt templates
 and short-caption augmentation (stage 1; stage 2 drops augmented texts) → `unicl_loss` with its
-autograd-aware all-gather → `Florence` (towers, projections, τ) → gradient cache → zero-shot / retrieval
-evaluation.
+autograd-aware all-gather → `Florence` (towers, projections, τ) and its presets (`FlorenceConfig`,
+`build`, `from_model_args`: the arguments a checkpoint stores to rebuild the model) → gradient cache →
+zero-shot / retrieval evaluation.
 
 Followed (read, then written anew): microsoft/UniCL model/model.py and main.py (target matrix from
 labels), openai/CLIP clip/model.py (projections, logit_scale, init), mlfoundations/open_clip
@@ -29,6 +30,7 @@ import hashlib
 import math
 import unicodedata
 from contextlib import contextmanager, nullcontext
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 import torch.distributed as dist
@@ -302,6 +304,68 @@ class Florence(nn.Module):
         return self.encode_image(images), self.encode_text(tokens), self.scale()
 
 
+@dataclass
+class FlorenceConfig:
+    """What rebuilds a Florence model: the two towers' presets with their overrides and the joint width.
+
+    `asdict(cfg)` is the `model_args` a checkpoint stores (nanoGPT's pattern); `from_model_args` rebuilds
+    the model from it, and every adapter builds on that model. `img_size` is the resolution the preset
+    pretrains at (the data side; no weight depends on it)."""
+    image: str = "tiny"  # coswin preset (the image tower f_θ)
+    text: str = "clip_base"  # text_encoder preset (the text tower f_φ)
+    embed_dim: int = 512  # D, the joint space both towers project into
+    vocab_size: int = 49408  # rows of the text tower's token embedding (the tokenizer's size)
+    img_size: int = 224
+    image_overrides: dict = field(default_factory=dict)  # CoSwinConfig fields, e.g. window_size, drop_path_rate
+    text_overrides: dict = field(default_factory=dict)  # TextConfig fields
+
+
+PRESETS: dict[str, FlorenceConfig] = {
+    # toy: CoSwin-nano + the 2-layer text tower at 64², the CPU pretraining of `python train.py`
+    "toy": FlorenceConfig(image="nano", text="toy", embed_dim=128, vocab_size=1024, img_size=64),
+    "tiny": FlorenceConfig(image="tiny", text="clip_base", embed_dim=512, vocab_size=49408),
+    "base": FlorenceConfig(image="base", text="clip_base", embed_dim=512, vocab_size=49408),
+    # the paper's 893M: CoSwin-H (637M) + the 256M text tower, joint dim 1024
+    "florence": FlorenceConfig(image="huge", text="florence", embed_dim=1024, vocab_size=102400),
+}
+
+
+def config(name: str, **overrides) -> FlorenceConfig:
+    if name not in PRESETS:
+        raise ValueError(f"unknown Florence preset {name!r}; choose one of {sorted(PRESETS)}")
+    return replace(PRESETS[name], **overrides)
+
+
+def build_from_config(cfg: FlorenceConfig, grad_checkpointing: bool = False) -> Florence:
+    """The towers in data-flow order (image, then text, then the projections: the order fixes the RNG draws
+    of the initial weights). `grad_checkpointing` is a run setting, not part of the model's arguments."""
+    import coswin
+    import text_encoder
+
+    image = coswin.build(cfg.image, grad_checkpointing=grad_checkpointing, **cfg.image_overrides)
+    text = text_encoder.build(cfg.text, vocab_size=cfg.vocab_size, grad_checkpointing=grad_checkpointing,
+                              **cfg.text_overrides)
+    return Florence(image, text, embed_dim=cfg.embed_dim)
+
+
+def build(name: str = "toy", **overrides) -> Florence:
+    """`build("toy", vocab_size=tokenizer.vocab_size)` → a Florence model of that preset, fresh weights."""
+    return build_from_config(config(name, **overrides))
+
+
+def model_args(cfg: FlorenceConfig) -> dict:
+    return asdict(cfg)
+
+
+def from_model_args(args: dict, grad_checkpointing: bool = False) -> Florence:
+    """A checkpoint's `model_args` → the Florence model it was trained as (fresh weights: load them next)."""
+    names = {f for f in FlorenceConfig.__dataclass_fields__}
+    unknown = sorted(set(args) - names)
+    if unknown:
+        raise ValueError(f"model_args hold unknown field(s) {unknown}; the fields are {sorted(names)}")
+    return build_from_config(FlorenceConfig(**args), grad_checkpointing=grad_checkpointing)
+
+
 # --------------------------------------------------------------------------------------------------
 # Gradient cache (paper §2.7; Gao et al. 2021, "Scaling Deep Contrastive Learning Batch Size under
 # Memory Limited Setup")
@@ -463,7 +527,7 @@ def retrieval_recall(img_emb: torch.Tensor, txt_emb: torch.Tensor, txt_to_img: t
 def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, eval_x: torch.Tensor | None = None,
                  eval_y: torch.Tensor | None = None, l2=(1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1), val_frac: float = 0.2,
                  seed: int = 0, max_iter: int = 500, num_classes: int | None = None) -> dict:
-    """Linear probe: multinomial logistic regression on frozen features (Florence §3.2; PAPER.md §6. The
+    """Linear probe: multinomial logistic regression on frozen features (Florence §3.2. The
     protocol is CLIP's, Radford et al. 2021 appendix A.3: L-BFGS, the L2 strength swept on a validation
     split; theirs is scikit-learn's, this one is written in torch).
 

@@ -23,18 +23,16 @@ Choices the paper leaves open (Video Swin, arXiv 2106.13230, uses patch (2,4,4) 
     tokens of a static clip. A clip whose T is not a multiple of a temporal stride is completed by
     repeating its last frame (a static clip stays static); a clip with fewer than K_t frames is an error.
   * `temporal_merge` default (2, 2, 1, ...): the first two transitions halve T (Video Swin reduces time
-    only in its tokenizer, (1, 1, 1)). Why (our reading of the runs in README "video"): a temporal-merge
-    conv has its own weights per time offset, so from a random init its features already tell "before"
-    from "after", and its gradient is first-order in the motion. Attention cannot: softmax averages
-    values with the same projection at every Δt, and its only handle on temporal order, the bias table
-    (random ±.02, or exactly Δt-symmetric when inflated), starts symmetric, so order enters only through
-    a product of two small things. Toy preset, 32² clips of 8 frames, batch 32: with (1, 1, 1) it sat at
-    chance (12.5%, 8 actions) for 1,500 steps at lr 1e-3 and was at 14% after 500 steps at lr 1e-4; with
-    (2, 2, 1) it left chance after ~300 steps at lr 1e-4 and reached 96% by 1,500 (at lr 1e-3 it too
-    stayed at chance: both changes are needed). Inflated weights (W_2D/k_t per offset) keep the
-    static-clip invariance at any temporal_merge; a freshly inflated model is even blind to the order of
-    the frames (a clip and its reverse pool alike, tests/test_video_coswin.py), but the gradient of a merge
-    conv differs between its offsets from the first step.
+    only in its tokenizer, (1, 1, 1)). Why: a temporal-merge conv has its own weights per time offset, so
+    from a random init its features already tell "before" from "after", and its gradient is first-order
+    in the motion. Attention cannot: softmax averages values with the same projection at every Δt, and
+    its only handle on temporal order, the bias table (random ±.02, or exactly Δt-symmetric when
+    inflated), starts symmetric, so order enters only through a product of two small things. On the toy
+    clips a model with (1, 1, 1) stayed at chance where one with (2, 2, 1) learned the actions, given a
+    small enough lr: both are needed (measured runs: docs/EXPERIMENTS.md, video). Inflated weights
+    (W_2D/k_t per offset) keep the static-clip invariance at any temporal_merge; a freshly inflated model
+    is even blind to the order of the frames (a clip and its reverse pool alike, tests/test_video_coswin.py),
+    but the gradient of a merge conv differs between its offsets from the first step.
   * Dynamic window size (`windows`, one (Wt, Wh, Ww) per stage): small windows early, larger later.
     Default: temporal extents (2, 4, 8, 8) tokens and the image model's spatial window M at every stage,
     so every spatial table is inherited without resizing. A window larger than the feature map shrinks to

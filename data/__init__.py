@@ -12,11 +12,13 @@ Modules: `synthetic` (toy sets for all four tasks), `formats` (real on-disk form
 """
 from __future__ import annotations
 
+from meter import soft_target, vqa_score  # the paper's VQA soft scores (meter.py), re-exported for data users
+
 from .formats import (CocoDetection, DataFormatError, ImageFolder, ImageTextFile, TarShards, VideoClips, VQAv2,
                       expand_shards, normalize_answer, write_shards)
 from .loader import (Loader, collate, collate_detection, collate_image_text, collate_video, collate_vqa,
                      make_loader)
-from .synthetic import (CLASSES, MovingShapes, ShapesDetection, ShapesText, ShapesVQA, soft_target, vqa_score)
+from .synthetic import CLASSES, MovingShapes, ShapesDetection, ShapesText, ShapesVQA
 from .transforms import CLIP_MEAN, CLIP_STD
 
 TASKS = ("pretrain", "detect", "vqa", "video")

@@ -34,7 +34,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
-from .synthetic import soft_target
+from meter import soft_target
+
 from .transforms import DetectionTransform, VideoTransform, image_transform
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")

@@ -27,6 +27,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from meter import soft_target  # the paper's VQA soft scores live with the model (meter.py)
+
 from .transforms import _INV255, _M255
 
 COLOURS = ("red", "green", "blue", "yellow", "purple")
@@ -363,27 +365,6 @@ class ShapesDetection(_Synthetic):
 
 
 # ----------------------------------------------------------------------------- VQA
-
-def vqa_score(count: int) -> float:
-    """Soft score of an answer given by `count` of 10 annotators: 0, .3, .6, .9, 1 for 0, 1, 2, 3, ≥4.
-
-    The table used by METER and ViLT (dandelin/ViLT, vilt/utils/write_vqa.py `get_score`, from
-    hengyuan-hu/bottom-up-attention-vqa, tools/compute_softscore.py) — a rounded min(1, k/3).
-    """
-    return (0.0, 0.3, 0.6, 0.9)[count] if count < 4 else 1.0
-
-
-def soft_target(answers: list[str], vocab_index: dict[str, int]) -> torch.Tensor:
-    """Ten annotator answers -> (len(vocab),) soft scores; answers outside the vocabulary score nothing."""
-    target = torch.zeros(len(vocab_index))
-    counts: dict[str, int] = {}
-    for a in answers:
-        counts[a] = counts.get(a, 0) + 1
-    for a, k in counts.items():
-        if a in vocab_index:
-            target[vocab_index[a]] = vqa_score(k)
-    return target
-
 
 class ShapesVQA(_Synthetic):
     """An image of 1–4 distinct shapes and a question about colour, shape, count, existence or position.

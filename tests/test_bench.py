@@ -16,7 +16,7 @@ def test_bench_runs_a_tiny_component_and_reports_finite_figures(tmp_path, capsys
 
 
 def test_every_model_traces_for_torch_compile_without_graph_breaks():
-    # issue 9: torch.compile must see each model (CoSwin, the text tower, Video CoSwin, DyHead, METER) as one
+    # torch.compile must see each model (CoSwin, the text tower, Video CoSwin, DyHead, METER) as one
     # graph; a host read-back (e.g. an input check's bool(tensor)) or an untraceable op would split it
     import torch
     import torch._dynamo as dynamo

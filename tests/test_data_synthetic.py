@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from data.synthetic import (CLASSES, COLOURS, RGB, MovingShapes, ShapesDetection, ShapesText, ShapesVQA,
-                            _alpha, _background, soft_target, vqa_score)
+                            _alpha, _background)
+from meter import vqa_score
 
 ALL = [ShapesText, ShapesDetection, ShapesVQA, MovingShapes]
 SMALL = dict(img_size=32)  # keep the tests fast; behaviour does not depend on the size
@@ -167,12 +168,6 @@ def test_vqa_answers_are_right_noisy_and_scored():
         types[s["question_type"]] += 1
     assert set(types) == set(ShapesVQA.QTYPES) and min(types.values()) > 30
     assert np.mean(agree) > 7 and min(agree) < 10 and Counter(agree)[10] > 40  # mostly agreeing, some noise
-
-
-def test_vqa_soft_scores():
-    assert [vqa_score(k) for k in range(6)] == [0.0, 0.3, 0.6, 0.9, 1.0, 1.0]
-    t = soft_target(["2"] * 7 + ["3", "3", "unknown"], {"2": 0, "3": 1, "4": 2})
-    assert t.tolist() == pytest.approx([1.0, 0.6, 0.0])
 
 
 def _main_mask(ds, sc):

@@ -488,7 +488,7 @@ def test_toy_pretraining_learns_zero_shot_classes():
 
 
 # --------------------------------------------------------------------------------------------------
-# Linear probe (issue 10): multinomial logistic regression with an L2 sweep
+# Linear probe: multinomial logistic regression with an L2 sweep
 
 
 def _clusters(n, K=5, D=16, spread=0.3, seed=0, means_seed=0):

@@ -1,5 +1,6 @@
-"""--task linear_probe and --task classify (issue 10): a pretrained image tower judged by a linear probe on
-cached frozen features and by fine-tuning from a zero-shot-initialised head with layer-wise lr decay."""
+"""--task linear_probe and --task classify (tasks/classify.py): a pretrained image tower judged by a linear
+probe on cached frozen features (one L-BFGS fit, not a step loop) and by fine-tuning from a
+zero-shot-initialised head with layer-wise lr decay."""
 import json
 import os
 
@@ -8,7 +9,11 @@ import torch
 
 import train
 import unicl
-from train import build_pretrained, layer_lr_scales, lr_at
+from tasks import LinearProbeTask
+from tasks.base import atomic_save
+from tasks.classify import layer_lr_scales
+from tasks.pretrain import load_pretrained
+from train import lr_at
 
 FAST = ["--img_size", "32", "--eval_size", "40", "--tokenizer_texts", "2000", "--log_every", "1",
         "--progress", "false", "--max_minutes", "0"]
@@ -35,7 +40,7 @@ def pretrained(tmp_path_factory):
     ckpt["model"] = {k: v + 0.01 if k.startswith("image_encoder.layers.0.") and v.is_floating_point() else v
                      for k, v in ckpt["model"].items()}  # another image tower, same recipe
     b = str(tmp / "other.pt")
-    train.atomic_save(ckpt, b)
+    atomic_save(ckpt, b)
     return a, b
 
 
@@ -44,11 +49,12 @@ def test_probe_runs_caches_features_and_reextracts_when_the_checkpoint_changes(t
     cache = str(tmp_path / "cache")
     flags = ["--task", "linear_probe", "--probe_size", "120", "--probe_l2", "1e-1,1", "--feature_cache", cache]
     calls = []
-    extract = train.LinearProbeTask.extract
-    monkeypatch.setattr(train.LinearProbeTask, "extract", lambda self, m, ds: calls.append(len(ds)) or extract(self, m, ds))
+    extract = LinearProbeTask.extract
+    monkeypatch.setattr(LinearProbeTask, "extract", lambda self, m, ds: calls.append(len(ds)) or extract(self, m, ds))
 
-    first = make_trainer(tmp_path, *flags, "--init_from", a, name="p1")
+    first = make_trainer(tmp_path, *flags, "--init_from", a, "--max_steps", "10", name="p1")
     m1 = first.fit()
+    assert first.step == 1 and len([r for r in rows(tmp_path / "p1") if "loss" in r]) == 1  # one fit, not 10
     assert calls == [120, 40] and len(os.listdir(cache)) == 2  # train and eval features, extracted once
     assert 0.0 <= m1["probe_top1"] <= m1["probe_top5"] <= 1.0 and 0.0 <= m1["zeroshot_top1"] <= 1.0
     assert (tmp_path / "p1" / "confusion.png").is_file()
@@ -72,7 +78,7 @@ def test_probe_runs_caches_features_and_reextracts_when_the_checkpoint_changes(t
 
 
 def _zero_shot_logits(ckpt_path, images, classes):
-    florence, tok, _ = build_pretrained(ckpt_path)
+    florence, tok, _, _ = load_pretrained(ckpt_path)
     florence.eval()
     with torch.no_grad():
         W = unicl.zero_shot_classifier(florence, tok, classes)

@@ -1,0 +1,268 @@
+"""--task pretrain: UniCL pretraining of Florence's two towers (paper §2.2; the towers of §2.3).
+
+    python train.py                                               # stage 1, the toy run on synthetic shapes
+    python train.py --stage 2 --init_from runs/pretrain-toy/ckpt.pt --name stage2
+    python train.py --img_size 384 --window_size 12 --init_from runs/stage2/ckpt.pt   # the 384² phase
+
+A batch of (image, text) pairs becomes (u, v, keys): each text's hash key y (unicl.caption_key; a class
+key for image-label folders) makes every pair with the same key a positive. Stage 1 wraps short texts
+(one or two words) in a random prompt template ("a photo of a {}."), keeping the text's key, so all
+prompts of one label are positives; stage 2 drops those texts. The loss is `unicl.unicl_loss` over the
+global batch. Evaluation: zero-shot top-1/5 on held-out images (class names through the templates) and
+image↔text retrieval R@1/5/10; predictions.png shows held-out images with their top-3 classes.
+
+`load_pretrained` reads a checkpoint of this task back (the Florence model, its tokenizer, its config):
+the adapters start from it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+from types import SimpleNamespace
+
+import torch
+import torch.nn as nn
+from torch.utils.data import DataLoader, IterableDataset
+from tqdm import tqdm
+
+import coswin
+import data
+import text_encoder
+import unicl
+from tasks import draw
+from tasks.base import Task, build_data, eval_length, eval_mode, load_checkpoint, tokenizer_from_state
+
+
+class PretrainTask(Task):
+    """UniCL pretraining of the two towers (paper §2.2): hash-key positives, global-batch contrastive loss,
+    prompt templates for short texts in stage 1, none of them in stage 2. Evaluation: zero-shot top-1/5
+    on held-out images (class names through the prompt templates) and image↔text retrieval R@1/5/10."""
+
+    name = "pretrain"
+
+    metrics = ("zeroshot_top1", "zeroshot_top5", "i2t_r1", "t2i_r1")
+    # The run's Config defaults are this recipe's (train.py): 1,500 steps of 64 at lr 6e-4 with a 100-step
+    # warmup and a cosine to lr/2 (short CPU runs learn shape late: the lr stays up); AdamW wd 0.1 and
+    # β2 0.98 as CLIP (the paper gives neither). Measured runs: docs/EXPERIMENTS.md, pretrain.
+    defaults: dict = {}
+
+    def __init__(self, cfg, d):
+        super().__init__(cfg, d)
+        self._train = build_data(cfg.data, "train", cfg, "pretrain", "image-text")
+        self._eval = None
+
+    # -- data ------------------------------------------------------------------------------------------
+    def train_dataset(self):
+        return self._train
+
+    def eval_dataset(self):
+        if self._eval is None:
+            cfg = self.cfg
+            self._eval = build_data(cfg.eval_data, "val", cfg, "pretrain", "held-out",
+                                    **eval_length(cfg.eval_data, cfg.eval_size))
+        return self._eval
+
+    def collate(self, samples):
+        return data.collate_image_text(samples)
+
+    def class_names(self) -> list[str]:
+        classes = getattr(self.eval_dataset(), "classes", None)
+        if not classes:
+            raise SystemExit(f"train.py: --eval_data {self.cfg.eval_data!r} has no class names for zero-shot "
+                             "evaluation; use synthetic or folder:DIR (one subfolder per class)")
+        return list(classes)
+
+    def _corpus(self) -> list[str]:
+        """Texts to learn BPE merges from: captions of the training set, plus the prompts of the classes."""
+        ds, limit = self._train, self.cfg.tokenizer_texts
+        texts = []
+        if isinstance(ds, IterableDataset):
+            for s in ds:
+                if s is not None:
+                    texts.append(s["text"])
+                if len(texts) >= limit:
+                    break
+        else:
+            step = max(1, len(ds) // limit)
+            for i in range(0, min(len(ds), limit * step), step):
+                s = ds.scene(i) if hasattr(ds, "scene") else ds[i]  # synthetic: the caption without rendering
+                if s is not None:
+                    texts.append(s["text"])
+        for name in getattr(ds, "classes", None) or []:
+            texts += [t.format(name) for t in unicl.TEMPLATES]
+        return texts
+
+    # -- model -----------------------------------------------------------------------------------------
+    def build_tokenizer(self):
+        if self.tokenizer is None and self.init_checkpoint is not None:
+            self.load_state_dict(self.init_checkpoint.get("task", {}))  # the run we start from has one
+        if self.tokenizer is not None:
+            pass
+        elif self.cfg.tokenizer:
+            self.tokenizer = text_encoder.Tokenizer.load(self.cfg.tokenizer)
+        else:
+            t0 = time.time()
+            self.tokenizer = text_encoder.Tokenizer.train(self._corpus(), self.cfg.vocab_size)
+            if self.dist.main:
+                tqdm.write(f"tokenizer: {self.tokenizer.vocab_size} tokens learned in {time.time() - t0:.1f}s")
+        self.save_tokenizer()
+        return self.tokenizer
+
+    def build_model(self) -> nn.Module:
+        tok = self.build_tokenizer()
+        self.model_args = towers_args(self.cfg, tok.vocab_size)
+        model = unicl.from_model_args(self.model_args, grad_checkpointing=self.cfg.grad_ckpt)
+        self.context_length = model.text_encoder.cfg.context_length
+        return model
+
+    @staticmethod
+    def rebuild(model_args: dict) -> nn.Module:
+        return unicl.from_model_args(model_args)
+
+    def fsdp_wrap_classes(self):
+        return {coswin.SwinBlock, text_encoder.Block}
+
+    def state_dict(self):
+        return self.tokenizer_state()
+
+    def load_state_dict(self, sd):
+        self.load_tokenizer(sd)
+
+    # -- loss ------------------------------------------------------------------------------------------
+    def prepare(self, batch, step: int):
+        """Texts → (tokens, keys). Stage 1 wraps short texts in a random template (the key stays the
+        text's own, so all prompts of one label are positives); stage 2 drops short texts."""
+        texts, keep = batch["text"], None
+        short = batch.get("short")
+        if short is None:
+            short = torch.tensor([unicl.is_short_caption(t) for t in texts])
+        if self.cfg.stage == 2 and bool(short.any()):
+            keep = ~short
+            texts = [t for t, k in zip(texts, keep.tolist()) if k]
+        labels = batch["label"] if keep is None else batch["label"][keep]
+        if getattr(self._train, "classes", None) and self.cfg.data.startswith("folder"):
+            keys = torch.tensor([unicl.class_key(int(y)) for y in labels.tolist()])  # image-label data
+        else:
+            keys = unicl.batch_labels(texts)
+        if self.cfg.stage == 1:  # the template is a function of (seed, step, text): the same on any rank layout
+            texts = [unicl.augment_short_caption(t, random.Random(hash((self.cfg.seed, step, unicl.caption_key(t)))))[0]
+                     for t in texts]
+        # padded to the batch's longest caption, not the context (exact; the toy text tower costs ~30% less);
+        # one shape for every batch under --compile, which would otherwise recompile for each new length
+        tokens = self.tokenizer(texts, self.context_length, trim=not self.cfg.compile)
+        images = batch["image"] if keep is None else batch["image"][keep]
+        dev = self.dist.device
+        return images.to(dev, non_blocking=True), tokens.to(dev, non_blocking=True), keys.to(dev)
+
+    def loss(self, model, batch, step):
+        images, tokens, keys = self.prepare(batch, step)
+        u, v, tau = model(images, tokens)
+        return unicl.unicl_loss(u, v, keys, tau), {"tau": float(tau.detach())}
+
+    def forward_backward(self, model, batch, step, scale, scaler=None):
+        if self.cfg.gradcache_chunk <= 0:
+            return super().forward_backward(model, batch, step, scale, scaler)
+        images, tokens, keys = self.prepare(batch, step)
+        raw = model.module if hasattr(model, "module") else model
+
+        def loss_fn(u, v, k, tau):
+            loss = unicl.unicl_loss(u, v, k, tau) * scale
+            return scaler.scale(loss) if scaler is not None else loss
+
+        loss = unicl.gradcache_step(raw, images, tokens, keys, self.cfg.gradcache_chunk, loss_fn=loss_fn)
+        if scaler is not None:
+            loss = loss / scaler.get_scale()
+        return loss / scale, {"tau": float(raw.scale().detach())}
+
+    # -- evaluation ------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def embed_eval(self, model, max_n: int | None = None):
+        """Held-out image and caption embeddings, labels and the images themselves (CPU)."""
+        ds = self.eval_dataset()
+        loader = DataLoader(ds, batch_size=128, shuffle=False, collate_fn=self.collate, num_workers=0,
+                            generator=torch.Generator())  # its own generator: evaluation draws no global RNG
+        u, v, labels, images, texts = [], [], [], [], []
+        for batch in loader:
+            if "image" not in batch:
+                continue
+            x = batch["image"].to(self.dist.device)
+            u.append(model.encode_image(x).float().cpu())
+            v.append(model.encode_text(self.tokenizer(batch["text"], self.context_length).to(self.dist.device))
+                     .float().cpu())
+            labels.append(batch["label"])
+            texts += batch["text"]
+            images.append(batch["image"][:max(0, 32 - sum(len(i) for i in images))])
+            if max_n and sum(len(t) for t in u) >= max_n:
+                break
+        return torch.cat(u), torch.cat(v), torch.cat(labels), torch.cat(images), texts
+
+    @torch.no_grad()
+    def evaluate(self, model, step):
+        with eval_mode(model):
+            u, v, labels, _, texts = self.embed_eval(model, self.cfg.eval_size)
+            W = unicl.zero_shot_classifier(model, self.tokenizer, self.class_names(),
+                                           context_length=self.context_length).float().cpu()  # (D, K)
+            out = {}
+            if (labels >= 0).any():
+                ok = labels >= 0
+                top1, top5 = unicl.accuracy(u[ok] @ W, labels[ok], topk=(1, 5))
+                out.update(zeroshot_top1=top1, zeroshot_top5=top5)
+            out.update(unicl.retrieval_recall(u, v, torch.arange(len(v))))
+            return out
+
+    @torch.no_grad()
+    def visualise(self, model, run_dir):
+        """predictions.png: held-out images with their top-3 zero-shot classes (green = correct)."""
+        with eval_mode(model):
+            names = self.class_names()
+            u, _, labels, images, _ = self.embed_eval(model, 16)
+            W = unicl.zero_shot_classifier(model, self.tokenizer, names, context_length=self.context_length).float().cpu()
+            probs = (float(model.scale()) * u @ W).softmax(-1)
+        if not self.dist.main:
+            return None
+        n = min(16, len(images))
+        captions = []
+        for i in range(n):
+            p, k = probs[i].topk(3)
+            captions.append([(f"{names[kk]} {pp:.0%}", draw.GREEN if kk == int(labels[i]) else draw.RED if r == 0
+                              else draw.GREY) for r, (pp, kk) in enumerate(zip(p.tolist(), k.tolist()))])
+        return draw.captioned_grid(images[:n], captions, os.path.join(run_dir, "predictions.png"), tile=128)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The towers' arguments, and reading a pretraining checkpoint back (for the adapters)
+
+
+def towers_args(cfg, vocab_size: int) -> dict:
+    """A run's --preset, --window_size and --drop_path → the `model_args` of its Florence model."""
+    over = {}
+    if cfg.window_size:
+        over["window_size"] = cfg.window_size
+    if cfg.drop_path >= 0:
+        over["drop_path_rate"] = cfg.drop_path
+    return unicl.model_args(unicl.config(cfg.preset, vocab_size=vocab_size, image_overrides=over))
+
+
+def load_pretrained(ckpt: dict | str, device="cpu"):
+    """A `--task pretrain` checkpoint (dict or path) → (Florence model with its weights, Tokenizer,
+    the towers' model_args, the run's config as a namespace).
+
+    For adapters: `florence.image_encoder` is the CoSwin, `florence.text_encoder` the text tower. A
+    checkpoint written before checkpoints carried `model_args` is read through its config."""
+    if isinstance(ckpt, str):
+        ckpt = load_checkpoint(ckpt)
+    try:
+        pcfg = SimpleNamespace(**json.loads(ckpt["config"]))
+    except (KeyError, TypeError, json.JSONDecodeError):
+        raise SystemExit("train.py: the --init_from checkpoint holds no train.py config; give a checkpoint "
+                         "written by `python train.py --task pretrain`") from None
+    if pcfg.task != "pretrain" or "tokenizer_merges" not in ckpt.get("task", {}):
+        raise SystemExit(f"train.py: the --init_from checkpoint is from --task {pcfg.task}; adapters start "
+                         "from a --task pretrain checkpoint")
+    tokenizer = tokenizer_from_state(ckpt["task"])
+    args = ckpt.get("model_args") or towers_args(pcfg, tokenizer.vocab_size)
+    model = unicl.from_model_args(args)
+    model.load_state_dict(ckpt["model"])
+    return model.to(device), tokenizer, args, pcfg

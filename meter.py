@@ -77,7 +77,7 @@ class METERConfig:
 PRESETS: dict[str, METERConfig] = {
     # CPU minutes. The last stage only, as METER: at the VQA task's 128² (twice the toy pretraining's 64²,
     # as METER fine-tunes VQA at twice its pretraining resolution) it is a 4 × 4 grid of 16 tokens; hidden 128
-    # learned per step like 192 on ShapesVQA in short scratch runs and is ~30% cheaper (README, "VQA: what mattered").
+    # is the narrowest width that learned as fast per step as a wider fusion (docs/EXPERIMENTS.md, vqa).
     "toy": METERConfig(hidden=128, layers=2, heads=4, dropout=0.0, image_levels=(-1,)),
     "base": METERConfig(hidden=768, layers=6, heads=12),
     "florence": METERConfig(hidden=768, layers=6, heads=12),  # paper §2.5

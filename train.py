@@ -45,10 +45,12 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, IterableDataset
 from tqdm import tqdm
 
+import run_folder
 import unicl
+from data.accounting import Accounted, AccountedCollate, AccountedStream, SkipTally, sample_seed
 from tasks import TASKS, Task
 from tasks import draw
-from tasks.base import Dist, atomic_save, check_compatible, load_checkpoint  # noqa: F401 (the loop's checkpoint I/O)
+from tasks.base import Dist, check_compatible, load_checkpoint
 
 # ----------------------------------------------------------------------------------------------------
 # Config: a dataclass; every field is a --flag. Grouped in the paper's order; each group names the task
@@ -66,7 +68,7 @@ class Config:
     window_size: int = 0  # 0 = the image preset's; 12 at 384 (bias tables are resized on --init_from)
     init_from: str = ""  # a checkpoint whose weights start this run (e.g. the 224 run before 384, or the towers of an adapter)
     # §2.2 UniCL pretraining (tasks/pretrain.py)
-    stage: int = 1  # UniCL stage 1: short texts wrapped in prompt templates; 2: those texts dropped
+    stage: int = 0  # UniCL stage 1: short texts wrapped in prompt templates; 2: those texts dropped; 0: 1, or the --init_from run's
     tokenizer: str = ""  # a tokenizer JSON to use instead of training one on the data
     vocab_size: int = 0  # 0 = the preset's; BPE merges are learned up to this size
     tokenizer_texts: int = 10_000  # training captions the BPE merges are learned from
@@ -131,7 +133,8 @@ class Config:
     max_bad_steps: int = 20  # this many non-finite steps in a row stop the run
     out_dir: str = "runs"
     name: str = ""  # run name; default: <task>-<preset>
-    resume: str = ""  # "" (fresh) | auto (runs/<name>/ckpt.pt if present) | PATH
+    resume: str = ""  # "" (fresh) | auto (runs/<name>/ckpt.pt, else ckpt.prev.pt, if present) | PATH
+    overwrite: bool = False  # start afresh in a run folder that holds a checkpoint (its files are deleted)
     progress: bool = True  # tqdm bar on rank 0
 
 
@@ -183,10 +186,33 @@ def validate_config(cfg: Config):
         raise SystemExit(f"train.py: unknown --task {cfg.task!r}; available: {sorted(TASKS)}")
     if cfg.amp not in ("auto", "bf16", "fp16", "off"):
         raise SystemExit(f"train.py: --amp must be auto, bf16, fp16 or off, got {cfg.amp!r}")
-    if cfg.stage not in (1, 2):
-        raise SystemExit(f"train.py: --stage must be 1 or 2, got {cfg.stage}")
-    if cfg.accum_steps < 1 or cfg.batch_size < 1 or cfg.max_steps < 1:
-        raise SystemExit("train.py: --batch_size, --accum_steps and --max_steps must be ≥ 1")
+    if cfg.stage not in (0, 1, 2):
+        raise SystemExit(f"train.py: --stage must be 1 or 2 (0: the --init_from run's), got {cfg.stage}")
+    for name, ok, rule in RANGES:
+        value = getattr(cfg, name)
+        if not ok(value):
+            raise SystemExit(f"train.py: --{name} must be {rule}, got {value}")
+
+
+# (flag, check, the rule in words): every numeric flag is checked before anything is built
+RANGES = [
+    *[(n, lambda v: v >= 1, "at least 1") for n in ("batch_size", "accum_steps", "max_steps", "eval_size",
+                                                   "max_bad_steps", "tokenizer_texts", "num_frames",
+                                                   "temporal_kernel", "probe_size", "vqa_questions")],
+    *[(n, lambda v: v >= 0, "0 or more") for n in ("lr", "warmup_steps", "weight_decay", "grad_clip", "workers",
+                                                  "img_size", "window_size", "vocab_size", "max_minutes",
+                                                  "gradcache_chunk", "eval_every", "log_every", "ckpt_every",
+                                                  "det_channels", "det_blocks", "meter_layers", "meter_hidden",
+                                                  "meter_heads", "tower_lr", "image_frozen_stages", "seed")],
+    *[(n, lambda v: 0 <= v < 1, "in [0, 1)") for n in ("beta1", "beta2", "label_smoothing")],
+    ("min_lr_ratio", lambda v: 0 <= v <= 1, "in [0, 1]"),
+    ("eps", lambda v: v > 0, "above 0"),
+    ("drop_path", lambda v: v < 0 or v < 1, "in [0, 1) (or below 0 for the preset's)"),
+    ("image_tower_lr", lambda v: v >= 0 or v == -1, "0 or more (or -1: --tower_lr)"),
+    ("mlm_prob", lambda v: 0 < v < 1, "in (0, 1)"),
+    ("probe_val", lambda v: 0 < v < 1, "in (0, 1)"),
+    ("layer_decay", lambda v: 0 < v <= 1, "in (0, 1] (1.0 = off)"),
+]
 
 
 def resolved(cfg: Config) -> Config:
@@ -242,10 +268,14 @@ class GlobalBatchSampler(torch.utils.data.Sampler):
     Epoch e is a permutation of the n samples seeded by (seed, e); step s of the run takes global batch
     s mod steps_per_epoch of epoch s // steps_per_epoch (the tail that does not fill a batch is dropped).
     Micro-step m of rank r gets rows [(m·W + r)·b, (m·W + r + 1)·b) of the global batch, so gathering over
-    ranks in rank order rebuilds the global batch exactly."""
+    ranks in rank order rebuilds the global batch exactly. `start_micro` skips that many micro-batches of
+    this rank (a resumed run's data position); `sample_seeds` yields (index, seed) pairs instead of indices,
+    the seed a function of (seed, step, row of the global batch) (data/accounting.py)."""
 
-    def __init__(self, n: int, global_batch: int, rank: int, world: int, accum: int, seed: int, start_step: int = 0):
+    def __init__(self, n: int, global_batch: int, rank: int, world: int, accum: int, seed: int, start_step: int = 0,
+                 start_micro: int = 0, sample_seeds: bool = False):
         self.n, self.B, self.rank, self.world, self.accum, self.seed = n, global_batch, rank, world, accum, seed
+        self.start_micro, self.sample_seeds = start_micro, sample_seeds
         self.micro = global_batch // (world * accum)
         self.steps_per_epoch = n // global_batch
         if self.steps_per_epoch == 0:
@@ -258,7 +288,8 @@ class GlobalBatchSampler(torch.utils.data.Sampler):
         return torch.randperm(self.n, generator=g)
 
     def __iter__(self):
-        step = self.start_step
+        step = self.start_step + self.start_micro // self.accum
+        skip = self.start_micro % self.accum
         epoch, perm = None, None
         while True:
             e = step // self.steps_per_epoch
@@ -266,25 +297,41 @@ class GlobalBatchSampler(torch.utils.data.Sampler):
                 epoch, perm = e, self._perm(e)
             s = step % self.steps_per_epoch
             batch = perm[s * self.B:(s + 1) * self.B]
-            for m in range(self.accum):
+            for m in range(skip, self.accum):
                 j = m * self.world + self.rank
-                yield batch[j * self.micro:(j + 1) * self.micro].tolist()
+                rows = batch[j * self.micro:(j + 1) * self.micro].tolist()
+                if self.sample_seeds:
+                    rows = [(i, sample_seed(self.seed, step, j * self.micro + k)) for k, i in enumerate(rows)]
+                yield rows
+            skip = 0
             step += 1
 
     def __len__(self):  # infinite in principle; DataLoader only asks for len() when we do
         return 2 ** 62
 
 
-def infinite_stream(loader_factory, skip_batches: int):
+def infinite_stream(loader_factory, skip_batches: int, isolate_rng: bool = True, micro: int = 0):
     """For iterable (sharded) datasets: epochs back to back; `skip_batches` are read and dropped first
-    (a resumed stream repeats the epoch's order, so skipping re-reads rather than seeking)."""
+    (a resumed stream repeats the epoch's order, so skipping re-reads rather than seeking). With
+    `isolate_rng` (the stream read in this process) the random state is put back after the skipped
+    batches, so the batches that follow draw what they drew in the uninterrupted run. An epoch that forms
+    no batch at all stops the run (it would otherwise retry for ever)."""
     epoch = 0
+    saved = rng_state() if skip_batches > 0 and isolate_rng else None
     while True:
+        formed = False
         for batch in loader_factory(epoch):
+            formed = True
             if skip_batches > 0:
                 skip_batches -= 1
+                if skip_batches == 0 and saved is not None:
+                    set_rng_state(saved)
                 continue
             yield batch
+        if not formed:
+            raise SystemExit(f"train.py: the training stream formed no micro-batch of {micro} samples in a whole epoch "
+                             "(fewer samples than one micro-batch per rank, or none readable); lower --batch_size, "
+                             "add data, or check the shards")
         epoch += 1
 
 
@@ -370,35 +417,65 @@ def set_rng_state(st: dict):
 # The loop
 
 
+class _Stopped(Exception):
+    """A signal arrived while the loop waited for data: save and stop as after a step."""
+
+
 class Trainer:
     """Owns the run: model wrapping, optimiser, data position, AMP, checkpoints, evaluation, logging.
 
     `--max_minutes`: after 10 timed steps the cosine schedule's length is set to the steps that fit in
     the remaining budget (minus the measured evaluation cost), capped by --max_steps; the run then ends
-    cleanly with its final evaluation and checkpoint when the budget or the steps run out."""
+    cleanly with its final evaluation and checkpoint when the budget or the steps run out.
+
+    Resume: `--resume auto|PATH` continues from a checkpoint (model, optimiser, RNG streams, data position)
+    so that the run ends bit for bit where an uninterrupted one does (on CPU). A --max_steps other than the
+    checkpoint's sets the schedule's new length (the cosine is recomputed for it: the lr moves to the new
+    curve's value at the resume step); any other changed flag is named and recorded in config_history.jsonl.
+    SIGTERM or SIGINT: a checkpoint after the current step, then exit status 128 + the signal's number
+    (143, 130); a second SIGINT exits at once."""
 
     def __init__(self, cfg: Config, d: Dist):
-        self.cfg, self.dist = cfg, d
+        self.dist = d
         self.run_dir = os.path.join(cfg.out_dir, cfg.name)
         self.ckpt_path = os.path.join(self.run_dir, "ckpt.pt")
         self.metrics_path = os.path.join(self.run_dir, "metrics.jsonl")
+        self.lock = run_folder.Lock(self.run_dir)
+        ckpt, resume_path = self._resume_checkpoint(cfg)
         if d.main:
+            run_folder.guard_folder(self.run_dir, resuming=ckpt is not None, overwrite=cfg.overwrite)
             os.makedirs(self.run_dir, exist_ok=True)
+            self.lock.acquire(say=tqdm.write)
+        try:
+            self._build(cfg, ckpt, resume_path)
+        except BaseException:
+            self.lock.release()
+            raise
+
+    def _build(self, cfg: Config, ckpt: dict | None, resume_path: str):
+        d = self.dist
+        init = load_checkpoint(cfg.init_from) if ckpt is None and cfg.init_from else None
+        cfg = self.cfg = self._resolve_stage(cfg, ckpt or init)
+        changes = None
+        if ckpt is not None:
+            changes = run_folder.changed_fields(json.loads(ckpt.get("config", "{}")), dataclasses.asdict(cfg))
+            if changes and d.main:
+                tqdm.write("resume: changed since the checkpoint: " +
+                           ", ".join(f"--{k} {old!r} → {new!r}" for k, (old, new) in changes.items()))
         self.task: Task = TASKS[cfg.task](cfg, d)
         self.amp_dtype, use_scaler = resolve_amp(cfg, d.device)
         self.scaler = torch.amp.GradScaler("cuda") if use_scaler else None
         self.step = 0
+        self.data_position = 0  # micro-batches this rank has taken from the training data
         self.total_steps = cfg.max_steps
         self.bad_in_a_row = self.bad_total = 0
-        self.skipped_samples = 0
-        self.stop_requested = False
+        self.tally = SkipTally()
+        self.stop_requested, self.stopped_by = False, 0
 
-        resume_path = self._resume_path()
-        ckpt = load_checkpoint(resume_path) if resume_path else None
         if ckpt is not None:
             self.task.load_state_dict(ckpt.get("task", {}))
-        elif cfg.init_from:
-            self.task.init_checkpoint = load_checkpoint(cfg.init_from)
+        elif init is not None:
+            self.task.init_checkpoint = init
         # the same initial weights on every rank; then a per-rank stream for dropout / drop-path
         torch.manual_seed(cfg.seed)
         self.model = self.task.build_model()
@@ -407,6 +484,7 @@ class Trainer:
             self.task.init_checkpoint = None
             if d.main:
                 tqdm.write(f"initialised from {cfg.init_from}")
+        self.task.check_eval()  # the held-out set is built and checked now, not after training
         self.model.to(d.device)
         self.wrapped = self._wrap(self.model)
         self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg.weight_decay, self.task.lr_scales(self.model)),
@@ -418,18 +496,38 @@ class Trainer:
         np.random.seed(cfg.seed + d.rank)
         if ckpt is not None:
             self._load(ckpt, resume_path)
-        if d.main and ckpt is None:
-            with open(os.path.join(self.run_dir, "config.json"), "w") as fh:
-                json.dump(dataclasses.asdict(cfg), fh, indent=2)
-            if os.path.exists(self.metrics_path):
-                os.remove(self.metrics_path)
+        if d.main:
+            if ckpt is None and os.path.exists(self.metrics_path):
+                os.remove(self.metrics_path)  # a folder without a checkpoint: nothing of it to continue
+            run_folder.record_config(self.run_dir, dataclasses.asdict(cfg), self.step, changes)
 
     # -- set-up ----------------------------------------------------------------------------------------
-    def _resume_path(self) -> str:
-        r = self.cfg.resume
-        if r == "auto":
-            return self.ckpt_path if os.path.isfile(self.ckpt_path) else ""
-        return r
+    def _resume_checkpoint(self, cfg: Config) -> tuple[dict | None, str]:
+        """--resume auto: the newest checkpoint of the run, else the previous one (with a note); PATH: that one."""
+        if cfg.resume != "auto":
+            return (load_checkpoint(cfg.resume), cfg.resume) if cfg.resume else (None, "")
+        candidates = run_folder.resume_candidates(self.run_dir)
+        for i, path in enumerate(candidates):
+            try:
+                ckpt = load_checkpoint(path)
+            except SystemExit as e:
+                if i + 1 == len(candidates):
+                    raise
+                if self.dist.main:
+                    tqdm.write(f"note: {e}; resuming from {candidates[i + 1]} instead")
+                continue
+            return ckpt, path
+        return None, ""
+
+    @staticmethod
+    def _resolve_stage(cfg: Config, ckpt: dict | None) -> Config:
+        """--stage 0: the stage of the run this one continues or starts from (a pretraining checkpoint), else 1.
+        So the paper's 384² phase, started from the stage-2 run with --init_from, stays at stage 2."""
+        if cfg.stage:
+            return cfg
+        theirs = json.loads(ckpt.get("config", "{}")) if ckpt is not None else {}
+        stage = int(theirs.get("stage") or 1) if theirs.get("task") == "pretrain" else 1
+        return dataclasses.replace(cfg, stage=stage)
 
     def _wrap(self, model: nn.Module) -> nn.Module:
         cfg, d = self.cfg, self.dist
@@ -480,28 +578,45 @@ class Trainer:
             self.scaler.load_state_dict(ckpt["scaler"])
         self.step = int(ckpt["step"])
         self.total_steps = int(ckpt.get("total_steps", self.cfg.max_steps))
-        self.skipped_samples = int(ckpt.get("skipped_samples", 0))
+        theirs = json.loads(ckpt.get("config", "{}")).get("max_steps", self.cfg.max_steps)
+        if self.cfg.max_steps != theirs:  # a new length: the schedule is recomputed for it
+            self.total_steps = max(self.cfg.max_steps, self.step)
+            if self.dist.main:
+                tqdm.write(f"resume: --max_steps {theirs} → {self.cfg.max_steps}: the run now ends at step "
+                           f"{self.total_steps} (the cosine schedule is recomputed for that length)")
+        positions = ckpt.get("data_position")
+        self.data_position = (int(positions[self.dist.rank]) if isinstance(positions, list) and
+                              len(positions) == self.dist.world else self.step * self.cfg.accum_steps)
+        tally = ckpt.get("tally")
+        if isinstance(tally, list) and len(tally) == self.dist.world:
+            self.tally = SkipTally(**tally[self.dist.rank])
         rngs = ckpt.get("rng", [])
         if len(rngs) == self.dist.world:
             set_rng_state(rngs[self.dist.rank])
         if self.dist.main:
             tqdm.write(f"resumed from {path} at step {self.step}")
 
+    def _gather(self, obj) -> list:
+        """`obj` of every rank, in rank order."""
+        if not self.dist.on:
+            return [obj]
+        out = [None] * self.dist.world
+        dist.all_gather_object(out, obj)
+        return out
+
     def save(self):
         model_sd, optim_sd = self._full_state()
-        rngs = [None] * self.dist.world
-        if self.dist.on:
-            dist.all_gather_object(rngs, rng_state())
-        else:
-            rngs = [rng_state()]
+        per_rank = self._gather((rng_state(), self.data_position, self.tally.state()))
         if self.dist.main:
-            atomic_save({"model": model_sd, "optimizer": optim_sd,
-                         "scaler": self.scaler.state_dict() if self.scaler is not None else {},
-                         "step": self.step, "total_steps": self.total_steps, "data_position": self.step,
-                         "skipped_samples": self.skipped_samples, "rng": rngs,
-                         "config": json.dumps(dataclasses.asdict(self.cfg)), "task": self.task.state_dict(),
-                         "model_args": self.task.model_args},
-                        self.ckpt_path)
+            run_folder.save_checkpoint(
+                {"model": model_sd, "optimizer": optim_sd,
+                 "scaler": self.scaler.state_dict() if self.scaler is not None else {},
+                 "step": self.step, "total_steps": self.total_steps,
+                 "data_position": [p for _, p, _ in per_rank], "tally": [t for _, _, t in per_rank],
+                 "skipped_samples": sum(t["skipped"] for _, _, t in per_rank), "rng": [r for r, _, _ in per_rank],
+                 "config": json.dumps(dataclasses.asdict(self.cfg)), "task": self.task.state_dict(),
+                 "model_args": self.task.model_args},
+                self.ckpt_path)
         if self.dist.on:
             dist.barrier()
 
@@ -535,6 +650,8 @@ class Trainer:
 
     # -- data ------------------------------------------------------------------------------------------
     def batches(self):
+        """This rank's micro-batches from the run's data position on. Every sample a dataset could not use
+        arrives counted by kind (data/accounting.py); with workers, each sample draws from its own seeds."""
         cfg, d = self.cfg, self.dist
         ds = self.task.train_dataset()
         micro = cfg.batch_size // (d.world * cfg.accum_steps)
@@ -542,19 +659,45 @@ class Trainer:
             raise SystemExit(f"train.py: --batch_size {cfg.batch_size} must be divisible by processes × "
                              f"accum_steps = {d.world} × {cfg.accum_steps}")
         g = torch.Generator().manual_seed(cfg.seed * 7919 + d.rank)
+        collate = AccountedCollate(self.task.collate)
         if isinstance(ds, IterableDataset):
+            stream = AccountedStream(ds)
+
             def factory(epoch):
-                if hasattr(ds, "set_epoch"):
-                    ds.set_epoch(epoch)
-                return DataLoader(ds, batch_size=micro, collate_fn=self.task.collate, num_workers=cfg.workers,
+                stream.set_epoch(epoch)
+                return DataLoader(stream, batch_size=micro, collate_fn=collate, num_workers=cfg.workers,
                                   generator=g, pin_memory=d.device.type == "cuda", drop_last=True)
-            yield from infinite_stream(factory, self.step * cfg.accum_steps)
+            yield from infinite_stream(factory, self.data_position, isolate_rng=cfg.workers == 0, micro=micro)
             return
-        sampler = GlobalBatchSampler(len(ds), cfg.batch_size, d.rank, d.world, cfg.accum_steps, cfg.seed, self.step)
-        loader = DataLoader(ds, batch_sampler=sampler, collate_fn=self.task.collate, num_workers=cfg.workers,
+        sampler = GlobalBatchSampler(len(ds), cfg.batch_size, d.rank, d.world, cfg.accum_steps, cfg.seed,
+                                     start_micro=self.data_position, sample_seeds=cfg.workers > 0)
+        self.micro_per_epoch = sampler.steps_per_epoch * cfg.accum_steps
+        loader = DataLoader(Accounted(ds), batch_sampler=sampler, collate_fn=collate, num_workers=cfg.workers,
                             generator=g, pin_memory=d.device.type == "cuda",
                             persistent_workers=False, prefetch_factor=4 if cfg.workers else None)
         yield from loader
+
+    def next_batch(self, batches) -> dict:
+        """The next micro-batch with a usable sample. One whose every sample was unusable is counted and passed
+        over; when no batch can be formed the run stops with what was read and why, instead of retrying for ever."""
+        empty = 0
+        limit = min(50, getattr(self, "micro_per_epoch", 50))
+        while True:
+            if self.stop_requested and not self.dist.on:
+                raise _Stopped()
+            batch = next(batches)
+            self.data_position += 1
+            self.tally.add(batch)
+            if batch:
+                return batch
+            empty += 1
+            if empty >= limit:
+                t = self.tally
+                reasons = "; ".join(t.examples[:3]) or "no reason given"
+                raise SystemExit(f"train.py: no training batch could be formed from --data {self.cfg.data!r}: "
+                                 f"{t.skipped} of the {t.read} samples read were unusable ({t.summary()}); first "
+                                 f"reasons: {reasons}. Fix the paths or files the reasons name (relative image "
+                                 "paths resolve beside the index file, then from the working directory)")
 
     # -- one optimiser step ----------------------------------------------------------------------------
     def train_step(self, batches) -> tuple[float, dict]:
@@ -565,11 +708,7 @@ class Trainer:
         manual_sync = d.on and not cfg.fsdp and cfg.gradcache_chunk > 0  # gradcache bypasses DDP's hooks
         losses, logs = [], {}
         for m in range(cfg.accum_steps):
-            while True:  # a batch whose every sample was bad comes as {"skipped": n}: count it, take the next
-                batch = next(batches)
-                self.skipped_samples += int(batch.pop("skipped", 0))
-                if batch:
-                    break
+            batch = self.next_batch(batches)
             last = m == cfg.accum_steps - 1
             sync_ctx = contextlib.nullcontext()
             if cfg.fsdp:
@@ -622,28 +761,46 @@ class Trainer:
 
     # -- the run ---------------------------------------------------------------------------------------
     def _on_signal(self, signum, frame):
-        self.stop_requested = True
+        if self.stop_requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: now, without the checkpoint
+        self.stop_requested, self.stopped_by = True, signum
         if self.dist.main:
-            tqdm.write(f"signal {signum}: saving a checkpoint after this step, then stopping")
+            tqdm.write(f"signal {signum}: saving a checkpoint after this step, then stopping (Ctrl-C again: at once)")
+
+    def _finish(self, t_start: float, metrics: dict, what: str) -> dict:
+        """The end record, summed over ranks: skipped samples by kind and the task's counters; one line for people."""
+        cfg, d = self.cfg, self.dist
+        wall = time.time() - t_start
+        tally = SkipTally.merged(self._gather(self.tally.state()))
+        counters = {}
+        for c in self._gather(self.task.counters()):
+            for k, v in c.items():
+                counters[k] = counters.get(k, 0) + v
+        self.log({"event": "end", "wall_s": wall, "skipped_samples": tally.skipped, "samples_read": tally.read,
+                  "skipped_by_kind": dict(tally.kinds), "nonfinite_steps": self.bad_total, **counters, **metrics})
+        if d.main:
+            draw.curves(self.metrics_path, os.path.join(self.run_dir, "curves.png"), cfg.name)
+            extra = "".join(f"; {k} {v}" for k, v in counters.items())
+            tqdm.write(f"done: {what} in {wall / 60:.1f} min; {tally.summary()}{extra}; outputs in {self.run_dir}/ "
+                       f"(metrics.jsonl, ckpt.pt, curves.png)")
+            if tally.share() > 0.05:
+                tqdm.write(f"WARNING: {tally.share():.1%} of the training samples read were skipped "
+                           f"({tally.summary()}); first reasons: {'; '.join(tally.examples[:3])}. Check --data")
+        return metrics
 
     def fit_directly(self) -> dict:
         """A task that is not a loop of optimiser steps (trains_by_steps = False, e.g. the linear probe's
         L-BFGS fit): its fit runs once, as the run's step 1, then the checkpoint and the final evaluation."""
-        cfg, d = self.cfg, self.dist
         t_start = time.time()
-        if self.step == 0:
-            loss, logs = self.task.fit_directly(self.wrapped)
-            self.step = self.total_steps = 1
-            self.log({"loss": loss, **logs})
-            self.save()
-        metrics = self.evaluate(final=True)
-        wall = time.time() - t_start
-        self.log({"event": "end", "wall_s": wall, "skipped_samples": self.skipped_samples,
-                  "nonfinite_steps": self.bad_total, **metrics})
-        if d.main:
-            draw.curves(self.metrics_path, os.path.join(self.run_dir, "curves.png"), cfg.name)
-            tqdm.write(f"done: fitted in {wall / 60:.1f} min; outputs in {self.run_dir}/ (metrics.jsonl, ckpt.pt)")
-        return metrics
+        try:
+            if self.step == 0:
+                loss, logs = self.task.fit_directly(self.wrapped)
+                self.step = self.total_steps = 1
+                self.log({"loss": loss, **logs})
+                self.save()
+            return self._finish(t_start, self.evaluate(final=True), "fitted")
+        finally:
+            self.lock.release()
 
     def fit(self) -> dict:
         if not self.task.trains_by_steps:
@@ -658,10 +815,17 @@ class Trainer:
                    dynamic_ncols=True, desc=cfg.name)
         t_window, n_window = time.time(), 0
         timed_from, timed_t0 = None, None
-        metrics = {}
+
+        def every(n: int) -> bool:  # an interval of 0 is off
+            return n > 0 and self.step % n == 0
+
         try:
             while self.step < self.total_steps:
-                loss, logs = self.train_step(batches)
+                try:
+                    loss, logs = self.train_step(batches)
+                except _Stopped:
+                    self.save()
+                    break
                 self.step += 1
                 n_window += 1
                 bar.update(1)
@@ -669,44 +833,39 @@ class Trainer:
                     timed_from, timed_t0 = self.step, time.time()
                 if deadline and timed_from is not None and self.step == timed_from + 10:
                     per_step = (time.time() - timed_t0) / 10
-                    n_evals = max(1, (self.total_steps - self.step) // cfg.eval_every)
+                    n_evals = max(1, (self.total_steps - self.step) // cfg.eval_every) if cfg.eval_every else 0
                     left = deadline - time.time() - eval_cost * n_evals
                     fit = self.step + max(1, int(left / per_step))
                     self.total_steps = min(cfg.max_steps, max(fit, self.step + 1))
                     bar.total = self.total_steps
                     self.log({"event": "schedule", "total_steps": self.total_steps, "per_step_s": per_step})
-                if self.step % cfg.log_every == 0 or self.step == self.total_steps:
+                if every(cfg.log_every) or (cfg.log_every and self.step == self.total_steps):
                     sps = n_window * cfg.batch_size / max(1e-9, time.time() - t_window)
                     lr = self.optimizer.param_groups[0]["lr"]
-                    self.log({"loss": loss, "lr": lr, "samples_per_s": sps, **logs})
-                    bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", samples_s=f"{sps:.0f}")
+                    self.log({"loss": loss, "lr": lr, "samples_per_s": sps, "skipped_samples": self.tally.skipped,
+                              **logs})
+                    bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", samples_s=f"{sps:.0f}",
+                                    skipped=self.tally.skipped)
                     t_window, n_window = time.time(), 0
                 out_of_time = deadline is not None and time.time() >= deadline
                 done = self.step >= self.total_steps or out_of_time or self.stop_requested
-                if self.step % cfg.eval_every == 0 and not done:
+                if every(cfg.eval_every) and not done:
                     t0 = time.time()
-                    metrics = self.evaluate()
+                    self.evaluate()
                     eval_cost = time.time() - t0
-                if self.step % cfg.ckpt_every == 0 or done:
+                if every(cfg.ckpt_every) or done:
                     self.save()
                 if done:
                     break
+            if self.stop_requested:
+                self.log({"event": "stopped", "reason": "signal", "signal": int(self.stopped_by)})
+                return {}
+            return self._finish(t_start, self.evaluate(final=True), f"{self.step} steps")
         finally:
             bar.close()
             for s, h in old.items():
                 signal.signal(s, h)
-        if self.stop_requested:
-            self.log({"event": "stopped", "reason": "signal"})
-            return {}
-        metrics = self.evaluate(final=True)
-        wall = time.time() - t_start
-        self.log({"event": "end", "wall_s": wall, "skipped_samples": self.skipped_samples,
-                  "nonfinite_steps": self.bad_total, **metrics})
-        if d.main:
-            draw.curves(self.metrics_path, os.path.join(self.run_dir, "curves.png"), cfg.name)
-            tqdm.write(f"done: {self.step} steps in {wall / 60:.1f} min; outputs in {self.run_dir}/ "
-                       f"(metrics.jsonl, ckpt.pt, curves.png)")
-        return metrics
+            self.lock.release()
 
 
 def main(argv=None):
@@ -714,10 +873,13 @@ def main(argv=None):
     d = setup_distributed(cfg)
     warnings.filterwarnings("ignore", message=".*TypedStorage is deprecated.*")
     try:
-        Trainer(cfg, d).fit()
+        trainer = Trainer(cfg, d)
+        trainer.fit()
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+    if trainer.stopped_by:  # preempted: saved, not finished; a scheduler can tell the two apart
+        raise SystemExit(128 + int(trainer.stopped_by))
 
 
 if __name__ == "__main__":

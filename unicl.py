@@ -14,7 +14,7 @@ When every key is distinct this is CLIP's symmetric cross-entropy times 2 (CLIP 
 the paper adds them). Under data parallelism B is the global batch (see `unicl_loss`).
 
 Contents, in data-flow order: hash keys (`caption_key`, `class_key`, `batch_labels`) → prompt templates
-and short-caption augmentation (stage 1; stage 2 drops augmented texts) → `unicl_loss` with its
+and short-caption augmentation (stage 1 wraps short texts; stage 2 drops them) → `unicl_loss` with its
 autograd-aware all-gather → `Florence` (towers, projections, τ) and its presets (`FlorenceConfig`,
 `build`, `from_model_args`: the arguments a checkpoint stores to rebuild the model) → gradient cache →
 zero-shot / retrieval evaluation.
@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import re
 import unicodedata
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, replace
@@ -42,8 +43,10 @@ import torch.nn.functional as F
 # --------------------------------------------------------------------------------------------------
 # A key is a non-negative int64, i.e. 63 bits. Bit 62 tags the space: 0 for captions (the low 62 bits are
 # a BLAKE2b digest of the normalised caption), 1 for classes. The two spaces are therefore disjoint by
-# construction. With 62-bit digests, n distinct captions collide with probability ≈ n²/2⁶³
-# (≈ 1e-4 for 10M unique queries), and a collision only merges two positives inside one batch.
+# construction. With 62-bit digests, n distinct captions hold at least one colliding pair with probability
+# ≈ n²/2⁶³: 1.0e-5 for FLD-900M's 9.7M unique queries; even if all of its 900M − 350M/2 ≈ 725M
+# pairs had distinct captions, 0.06. A collision matters only when both captions meet in one batch,
+# where it merges two negatives into positives.
 CLASS_TAG = 1 << 62
 _DIGEST_MASK = CLASS_TAG - 1
 
@@ -91,8 +94,29 @@ def is_class_key(key: int) -> bool:
     return bool(key & CLASS_TAG)
 
 
+def text_key(text: str) -> int:
+    """The key y of a text in a batch (paper §2.2: identical texts share a key). A text that is one of the
+    prompt TEMPLATES around a short caption ("a photo of a red circle.") takes the key of that short caption
+    ("red circle"): stage 1 wraps short captions in random templates and keeps their key, so a natural
+    caption that reads exactly like such a prompt must have the same key, or the two identical strings
+    would be each other's negatives. Every other text: caption_key(text)."""
+    core = template_core(text)
+    return caption_key(core if core is not None else text)
+
+
+def template_core(text: str) -> str | None:
+    """"A photo of a Red circle." → "red circle" when the text is a TEMPLATES prompt (final period optional)
+    around a short caption; None otherwise."""
+    norm = normalize_caption(text).rstrip(".").rstrip()
+    for pattern in _TEMPLATE_PATTERNS:
+        m = pattern.fullmatch(norm)
+        if m and is_short_caption(m.group(1)):
+            return m.group(1)
+    return None
+
+
 def batch_labels(items, device=None) -> torch.Tensor:
-    """Captions (str → caption_key) and/or ready keys (int, e.g. from class_key) → LongTensor (B,)."""
+    """Captions (str → text_key) and/or ready keys (int, e.g. from class_key) → LongTensor (B,)."""
     if isinstance(items, torch.Tensor):
         if items.dim() != 1 or items.numel() == 0:
             raise ValueError(f"keys must be a non-empty 1-D tensor, got shape {tuple(items.shape)}")
@@ -103,7 +127,7 @@ def batch_labels(items, device=None) -> torch.Tensor:
     keys = []
     for x in items:
         if isinstance(x, str):
-            keys.append(caption_key(x))
+            keys.append(text_key(x))
         elif isinstance(x, int) and not isinstance(x, bool) and 0 <= x < 2 ** 63:
             keys.append(x)
         else:
@@ -131,8 +155,18 @@ TEMPLATES = (
 )
 
 
+_TEMPLATE_PATTERNS = [re.compile(re.escape(normalize_caption(t).rstrip(".")).replace(r"\{\}", "(.+)")) for t in TEMPLATES]
+
+
 def is_short_caption(text: str, max_words: int = 2) -> bool:
+    """The one rule for "short" (paper §2.2): one or two words. Stage 1 wraps these texts in a template;
+    stage 2 drops them (`keep_in_stage2`), whatever the data source."""
     return 0 < len(text.split()) <= max_words
+
+
+def keep_in_stage2(text: str) -> bool:
+    """Stage 2 trains on natural captions only: every text stage 1 would have wrapped in a template goes."""
+    return not is_short_caption(text)
 
 
 def augment_short_caption(text: str, rng, templates=TEMPLATES, max_words: int = 2):
@@ -145,14 +179,6 @@ def augment_short_caption(text: str, rng, templates=TEMPLATES, max_words: int = 
     n = len(templates)
     i = int(rng.integers(n)) if hasattr(rng, "integers") else rng.randrange(n)
     return templates[i].format(" ".join(text.split())), True
-
-
-def drop_augmented(items, was_augmented) -> list:
-    """Stage 2: keep only the items whose text was not template-augmented."""
-    items, was_augmented = list(items), list(was_augmented)
-    if len(items) != len(was_augmented):
-        raise ValueError(f"{len(items)} items but {len(was_augmented)} was_augmented flags")
-    return [x for x, aug in zip(items, was_augmented) if not aug]
 
 
 # --------------------------------------------------------------------------------------------------

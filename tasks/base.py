@@ -45,6 +45,10 @@ class Task:
     rebuild(model_args) → nn.Module      (static) the same model with fresh weights, from a checkpoint's
                                          `model_args`: load the checkpoint's weights into it, strictly
     train_dataset() / eval_dataset()     map-style (preferred: exact resume) or iterable datasets
+    check_eval()                         build and check the held-out set before the first step (a bad
+                                         --eval_data fails at once, not after training)
+    counters() → {name: int}             the task's own counts of what it dropped or cut (bad boxes, …),
+                                         summed over ranks in the run's end record
     collate(samples) → batch dict        may include "skipped": n for dropped bad samples
     loss(model, batch, step) → (loss, logs)   model is the wrapped model: call model(...)
     forward_backward(model, batch, step, scale) → (loss, logs)   default: loss() then (loss·scale).backward()
@@ -108,6 +112,12 @@ class Task:
         scaled = loss * scale
         (scaler.scale(scaled) if scaler is not None else scaled).backward()
         return loss.detach(), logs
+
+    def check_eval(self):
+        self.eval_dataset()
+
+    def counters(self) -> dict[str, int]:
+        return {}
 
     def fit_directly(self, model) -> tuple[float, dict]:
         raise NotImplementedError(f"--task {self.name} trains by optimiser steps")

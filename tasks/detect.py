@@ -161,6 +161,9 @@ class DetectTask(Task):
     def fsdp_wrap_classes(self):
         return {coswin.SwinBlock, dh.DyHeadBlock, text_encoder.Block}
 
+    def counters(self):
+        return {"bad_boxes": self.bad_boxes}
+
     def state_dict(self):
         return {**self.tokenizer_state(), "towers": self.towers}
 

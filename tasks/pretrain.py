@@ -4,11 +4,13 @@
     python train.py --stage 2 --init_from runs/pretrain-toy/ckpt.pt --name stage2
     python train.py --img_size 384 --window_size 12 --init_from runs/stage2/ckpt.pt   # the 384² phase
 
-A batch of (image, text) pairs becomes (u, v, keys): each text's hash key y (unicl.caption_key; a class
+A batch of (image, text) pairs becomes (u, v, keys): each text's hash key y (unicl.text_key; a class
 key for image-label folders) makes every pair with the same key a positive. Stage 1 wraps short texts
-(one or two words) in a random prompt template ("a photo of a {}."), keeping the text's key, so all
-prompts of one label are positives; stage 2 drops those texts. The loss is `unicl.unicl_loss` over the
-global batch. Evaluation: zero-shot top-1/5 on held-out images (class names through the templates) and
+(one or two words, `unicl.is_short_caption`) in a random prompt template ("a photo of a {}."), keeping
+the text's key, so all prompts of one label are positives; stage 2 drops those texts from the training
+data, whatever its source, so that every batch is full (`Stage2Data`). The paper's last phase, 384², follows
+stage 2: a run started with --init_from a pretraining checkpoint takes that run's stage unless --stage is
+given. The loss is `unicl.unicl_loss` over the global batch. Evaluation: zero-shot top-1/5 on held-out images (class names through the templates) and
 image↔text retrieval R@1/5/10; predictions.png shows held-out images with their top-3 classes.
 
 `load_pretrained` reads a checkpoint of this task back (the Florence model, its tokenizer, its config):
@@ -51,6 +53,8 @@ class PretrainTask(Task):
     def __init__(self, cfg, d):
         super().__init__(cfg, d)
         self._train = build_data(cfg.data, "train", cfg, "pretrain", "image-text")
+        if cfg.stage == 2:
+            self._train = stage2_data(self._train, cfg.data, d)
         self._eval = None
 
     # -- data ------------------------------------------------------------------------------------------
@@ -66,6 +70,9 @@ class PretrainTask(Task):
 
     def collate(self, samples):
         return data.collate_image_text(samples)
+
+    def check_eval(self):
+        self.class_names()  # builds the held-out set; zero-shot evaluation needs its class names
 
     def class_names(self) -> list[str]:
         classes = getattr(self.eval_dataset(), "classes", None)
@@ -87,9 +94,9 @@ class PretrainTask(Task):
         else:
             step = max(1, len(ds) // limit)
             for i in range(0, min(len(ds), limit * step), step):
-                s = ds.scene(i) if hasattr(ds, "scene") else ds[i]  # synthetic: the caption without rendering
-                if s is not None:
-                    texts.append(s["text"])
+                t = sample_text(ds, i)  # synthetic scenes and files: the caption without decoding the image
+                if t is not None:
+                    texts.append(t)
         for name in getattr(ds, "classes", None) or []:
             texts += [t.format(name) for t in unicl.TEMPLATES]
         return texts
@@ -133,15 +140,8 @@ class PretrainTask(Task):
     # -- loss ------------------------------------------------------------------------------------------
     def prepare(self, batch, step: int):
         """Texts → (tokens, keys). Stage 1 wraps short texts in a random template (the key stays the
-        text's own, so all prompts of one label are positives); stage 2 drops short texts."""
-        texts, keep = batch["text"], None
-        short = batch.get("short")
-        if short is None:
-            short = torch.tensor([unicl.is_short_caption(t) for t in texts])
-        if self.cfg.stage == 2 and bool(short.any()):
-            keep = ~short
-            texts = [t for t, k in zip(texts, keep.tolist()) if k]
-        labels = batch["label"] if keep is None else batch["label"][keep]
+        text's own, so all prompts of one label are positives); at stage 2 the data holds no short text."""
+        texts, labels = batch["text"], batch["label"]
         if getattr(self._train, "classes", None) and self.cfg.data.startswith("folder"):
             keys = torch.tensor([unicl.class_key(int(y)) for y in labels.tolist()])  # image-label data
         else:
@@ -152,19 +152,30 @@ class PretrainTask(Task):
         # padded to the batch's longest caption, not the context (exact; the toy text tower costs ~30% less);
         # one shape for every batch under --compile, which would otherwise recompile for each new length
         tokens = self.tokenizer(texts, self.context_length, trim=not self.cfg.compile)
-        images = batch["image"] if keep is None else batch["image"][keep]
         dev = self.dist.device
-        return images.to(dev, non_blocking=True), tokens.to(dev, non_blocking=True), keys.to(dev)
+        return batch["image"].to(dev, non_blocking=True), tokens.to(dev, non_blocking=True), keys.to(dev)
 
     def loss(self, model, batch, step):
         images, tokens, keys = self.prepare(batch, step)
+        self.check_negatives(keys)
         u, v, tau = model(images, tokens)
         return unicl.unicl_loss(u, v, keys, tau), {"tau": float(tau.detach())}
+
+    def check_negatives(self, keys: torch.Tensor):
+        """One warning when a batch has no negatives (a batch of 1, or one key for every pair): its
+        contrastive loss is 0 whatever the model does, so nothing is learned from it."""
+        if len(keys) and bool((keys == keys[0]).all()) and not getattr(self, "_warned_negatives", False):
+            self._warned_negatives = True
+            if self.dist.main:
+                tqdm.write(f"WARNING: a batch of {len(keys)} pair(s) with one key for all: every pair is a positive of "
+                           "every other, so the contrastive loss has no negatives (it is 0 and teaches nothing); use a "
+                           "larger --batch_size or data with varied captions")
 
     def forward_backward(self, model, batch, step, scale, scaler=None):
         if self.cfg.gradcache_chunk <= 0:
             return super().forward_backward(model, batch, step, scale, scaler)
         images, tokens, keys = self.prepare(batch, step)
+        self.check_negatives(keys)
         raw = model.module if hasattr(model, "module") else model
 
         def loss_fn(u, v, k, tau):
@@ -225,10 +236,73 @@ class PretrainTask(Task):
         n = min(16, len(images))
         captions = []
         for i in range(n):
-            p, k = probs[i].topk(3)
+            p, k = probs[i].topk(min(3, len(names)))  # any number of classes, one upward
             captions.append([(f"{names[kk]} {pp:.0%}", draw.GREEN if kk == int(labels[i]) else draw.RED if r == 0
                               else draw.GREY) for r, (pp, kk) in enumerate(zip(p.tolist(), k.tolist()))])
         return draw.captioned_grid(images[:n], captions, os.path.join(run_dir, "predictions.png"), tile=128)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Stage 2: natural captions only, for every data source
+
+
+def sample_text(ds, i: int) -> str | None:
+    """The text of sample i without decoding its image where the dataset can (synthetic scenes, files)."""
+    if isinstance(ds, Stage2Data):
+        return sample_text(ds.ds, ds.keep[i])
+    if hasattr(ds, "scene"):
+        return ds.scene(i)["text"]
+    if hasattr(ds, "caption"):
+        return ds.caption(i)
+    s = ds[i]
+    return None if s is None else s["text"]
+
+
+class Stage2Data(torch.utils.data.Dataset):
+    """A map-style training set without the texts stage 1 would wrap in templates (unicl.keep_in_stage2):
+    dropping them here, not in the batch, keeps every batch full (and every rank's batch the same size)."""
+
+    def __init__(self, ds, keep: list[int]):
+        self.ds, self.keep = ds, keep
+        self.classes = getattr(ds, "classes", None)
+
+    def __len__(self):
+        return len(self.keep)
+
+    def __getitem__(self, i):
+        return self.ds[self.keep[i]]
+
+
+class Stage2Stream(torch.utils.data.IterableDataset):
+    """The same for streamed data (tar shards): short texts are passed over as they come."""
+
+    def __init__(self, ds):
+        self.ds = ds
+        self.classes = getattr(ds, "classes", None)
+
+    def set_epoch(self, epoch: int):
+        if hasattr(self.ds, "set_epoch"):
+            self.ds.set_epoch(epoch)
+
+    def __iter__(self):
+        for s in self.ds:
+            if s is None or unicl.keep_in_stage2(s["text"]):
+                yield s
+
+
+def stage2_data(ds, spec: str, d):
+    if isinstance(ds, IterableDataset):
+        return Stage2Stream(ds)
+    t0 = time.time()
+    texts = [sample_text(ds, i) for i in range(len(ds))]
+    keep = [i for i, t in enumerate(texts) if t is None or unicl.keep_in_stage2(t)]  # None: counted later, as bad
+    if not keep:
+        raise SystemExit(f"train.py: --stage 2 drops every text of --data {spec!r} (each has one or two words, the "
+                         "texts stage 1 wraps in templates); stage 2 needs natural captions")
+    if d is not None and d.main:
+        tqdm.write(f"stage 2: {len(ds) - len(keep)} of {len(ds)} texts dropped as short (one or two words) "
+                   f"in {time.time() - t0:.1f}s")
+    return Stage2Data(ds, keep)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -190,6 +190,9 @@ class MeterTask(Task):
     def fsdp_wrap_classes(self):
         return {coswin.SwinBlock, text_encoder.Block, meter.CoAttentionLayer}
 
+    def counters(self):
+        return {"truncated_texts": self.truncated}
+
     def state_dict(self):
         return self.tokenizer_state()
 
@@ -329,6 +332,9 @@ class VQATask(MeterTask):
     def _eval_options(self, synthetic: bool) -> dict:
         return {"length": self.cfg.eval_size} if synthetic else {"answers": self.answers}  # the training vocabulary
 
+    def counters(self):
+        return {**super().counters(), "oov_questions": self.oov}
+
     def texts(self, s):
         return s["question"]
 
@@ -368,12 +374,16 @@ class VQATask(MeterTask):
 
     @torch.no_grad()
     def predict(self, model, max_n: int):
-        """Held-out (probabilities (N, A), soft targets (N, A), question types, questions, first ≤ 12 images)."""
+        """Held-out (probabilities (N, A), soft targets (N, A), question types, questions, first ≤ 12 images).
+        A question whose image cannot be read scores 0: it is counted in `self.unreadable`, not left out
+        (leaving it out would raise vqa_score)."""
         loader = DataLoader(self.eval_dataset(), batch_size=128, shuffle=False, collate_fn=self.collate,
                             num_workers=0, generator=torch.Generator())
         probs, targets, qtypes, questions, images = [], [], [], [], []
+        self.unreadable = 0
         with eval_mode(model):
             for batch in loader:
+                self.unreadable += int(batch.get("skipped", 0))
                 if "image" not in batch:
                     continue
                 tokens = self.tokenizer(batch["question"], self.context_length, trim=True).to(self.dist.device)
@@ -393,7 +403,9 @@ class VQATask(MeterTask):
     def evaluate(self, model, step):
         probs, targets, qtypes, _, _ = self.predict(model, self.cfg.eval_size)
         scores = meter.vqa_metric(probs, targets)  # (N,)
-        out = {"vqa_score": float(scores.mean())}
+        out = {"vqa_score": float(scores.sum()) / (len(scores) + self.unreadable)}  # an unreadable question scores 0
+        if self.unreadable:
+            out["vqa_unreadable"] = self.unreadable
         for qt in sorted(set(qtypes) - {""}):
             out[f"vqa_score_{qt}"] = float(scores[torch.tensor([q == qt for q in qtypes])].mean())
         return out

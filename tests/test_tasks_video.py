@@ -94,6 +94,9 @@ def test_unreadable_clips_are_skipped_and_counted(tmp_path):
     t = make_trainer(tmp_path, "--data", spec, "--eval_data", spec, "--batch_size", "9", "--max_steps", "2",
                      name="files")
     t.fit()
-    assert t.skipped_samples == 2  # the broken clip, once per step (one epoch = one step here)
+    assert t.tally.skipped == 2 and t.tally.read == 18  # the broken clip, once per step (one epoch = one step here)
+    assert sum(t.tally.kinds.values()) == 2
+    end = json.loads(open(tmp_path / "files" / "metrics.jsonl").readlines()[-1])
+    assert end["event"] == "end" and end["skipped_samples"] == 2 and end["samples_read"] == 18
     with pytest.raises(SystemExit, match="--eval_data video:VAL.csv"):
         make_trainer(tmp_path, "--data", spec, name="files2").task.eval_dataset()

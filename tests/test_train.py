@@ -52,7 +52,7 @@ def test_interrupted_and_resumed_equals_uninterrupted_bitwise(tmp_path):
     part.fit()
     assert part.step == 3
     rows = [json.loads(line) for line in open(tmp_path / "part" / "metrics.jsonl")]
-    assert rows[-1] == {"step": 3, "event": "stopped", "reason": "signal"}
+    assert rows[-1] == {"step": 3, "event": "stopped", "reason": "signal", "signal": 15}
 
     resumed = make_trainer(tmp_path, *steps, "--resume", "auto", name="part")
     assert resumed.step == 3

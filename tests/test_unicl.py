@@ -13,8 +13,8 @@ import torch.nn.functional as F
 
 import text_encoder
 import unicl
-from unicl import (Florence, augment_short_caption, batch_labels, caption_key, class_key, drop_augmented,
-                   gradcache_step, retrieval_recall, unicl_loss, zero_shot_classifier)
+from unicl import (Florence, augment_short_caption, batch_labels, caption_key, class_key, gradcache_step,
+                   retrieval_recall, unicl_loss, zero_shot_classifier)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -177,10 +177,25 @@ def test_short_caption_augmentation_and_stage2_filter():
     import numpy as np
     text, aug = augment_short_caption("cat", np.random.default_rng(0))
     assert aug and "cat" in text
-    texts, flags = zip(*out)
-    assert drop_augmented(texts, flags) == ["a dog on the grass"]
-    with pytest.raises(ValueError, match="flags"):
-        drop_augmented(texts, flags[:2])
+    # stage 2 keeps exactly the texts stage 1 would not wrap: one rule ("short": one or two words) for both
+    texts = ["dog", "golden retriever", "a dog on the grass", "a photo of a dog."]
+    assert [unicl.keep_in_stage2(t) for t in texts] == [False, False, True, True]
+    assert [unicl.is_short_caption(t) for t in texts] == [aug for _, aug in out] + [False]
+
+
+def test_identical_texts_share_a_key_even_when_one_is_a_template_prompt():
+    """A short caption wrapped by stage 1 keeps its key; a natural caption that reads exactly like that
+    prompt gets the same key (identical strings are never each other's negatives)."""
+    rng = random.Random(3)
+    prompt, _ = augment_short_caption("red circle", rng)
+    natural = prompt.upper()  # the same text, written by someone else
+    keys = batch_labels(["red circle", prompt, natural, "a red circle on a grey ground", "a photo of a big red circle."])
+    assert keys[0] == keys[1] == keys[2] == caption_key("red circle")
+    assert len(set(keys.tolist())) == 3  # a long caption, and a template around a 3-word text, keep their own
+    assert unicl.template_core("a photo of a large red circle") == "red circle"  # "a photo of a large {}."
+    assert unicl.template_core("a photo of a red circle on grass.") is None
+    # a class prompt keeps its class key: keys given as ints pass through
+    assert batch_labels([class_key(3), class_key(3)]).tolist() == [class_key(3)] * 2
 
 
 # ---------------------------------------------------------------- distributed (2 gloo processes)

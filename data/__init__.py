@@ -9,13 +9,14 @@
 
 Modules: `synthetic` (toy sets for all four tasks), `formats` (real on-disk formats), `transforms`,
 `loader` (collate + make_loader). See data/README.md for every format with an example.
+A bad sample comes back as None, after its dataset set `last_skip = (kind, message)`, kind in SKIP_KINDS.
 """
 from __future__ import annotations
 
 from meter import soft_target, vqa_score  # the paper's VQA soft scores (meter.py), re-exported for data users
 
-from .formats import (CocoDetection, DataFormatError, ImageFolder, ImageTextFile, TarShards, VideoClips, VQAv2,
-                      expand_shards, normalize_answer, write_shards)
+from .formats import (SKIP_KINDS, CocoDetection, DataFormatError, ImageFolder, ImageTextFile, TarShards, VideoClips,
+                      VQAv2, expand_shards, load_image, normalize_answer, write_shards)
 from .loader import (Loader, collate, collate_detection, collate_image_text, collate_video, collate_vqa,
                      make_loader)
 from .synthetic import CLASSES, MovingShapes, ShapesDetection, ShapesText, ShapesVQA
@@ -102,5 +103,5 @@ def build_dataset(spec: str, split: str = "train", img_size: int = 64, task: str
 __all__ = ["build_dataset", "parse_spec", "make_loader", "Loader", "collate", "collate_image_text",
            "collate_detection", "collate_vqa", "collate_video", "ShapesText", "ShapesDetection", "ShapesVQA",
            "MovingShapes", "ImageTextFile", "TarShards", "ImageFolder", "CocoDetection", "VQAv2", "VideoClips",
-           "DataFormatError", "write_shards", "expand_shards", "normalize_answer", "vqa_score", "soft_target",
+           "DataFormatError", "SKIP_KINDS", "load_image", "write_shards", "expand_shards", "normalize_answer", "vqa_score", "soft_target",
            "CLASSES", "CLIP_MEAN", "CLIP_STD", "TASKS", "SPEC_HELP"]

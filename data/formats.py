@@ -13,9 +13,15 @@
 Bad input never crashes a run deep in a stack trace:
   * a missing or corrupt image, an empty or non-UTF-8 caption -> a warning naming the file, the sample
     comes back as None; the collate functions drop it and count it, and the loader reports the count at
-    the end of the epoch (`data.loader.Loader`);
-  * a malformed index file (bad JSON line, ragged CSV row, missing column, not UTF-8) -> DataFormatError,
-    one sentence naming the file, the line (or key) and the fix.
+    the end of the epoch (`data.loader.Loader`). Just before returning (or yielding) that None the dataset
+    sets `last_skip = (kind, message)`, kind one of SKIP_KINDS, so a caller can count skips by kind;
+  * a malformed index file (bad JSON line, ragged CSV row, unterminated quote, missing column, not UTF-8)
+    -> DataFormatError, one sentence naming the file, the line (or key) and the fix.
+
+Images are read as they are: EXIF orientation applied, 16-bit and float images rescaled to 8 bits by their
+range (not clipped), float / 16-bit video arrays likewise. Relative paths in an index file are looked up
+beside that file, else in the working directory (open_clip's convention); `path_rule` says which was used.
+Hidden files and folders (".*", "__MACOSX") are never samples or classes.
 """
 from __future__ import annotations
 
@@ -27,11 +33,13 @@ import os
 import posixpath
 import re
 import tarfile
+import types
 import warnings
+import zlib
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from meter import soft_target
@@ -49,29 +57,106 @@ class DataFormatError(ValueError):
 
 WARN_LIMIT = 20
 
+# Why a sample came back as None: `dataset.last_skip = (kind, message)`, kind one of these words.
+SKIP_KINDS = {
+    "missing": "the file is not there (image, clip, frame folder or shard not found)",
+    "undecodable": "the bytes cannot be decoded (image, array, or a caption that is not UTF-8)",
+    "empty": "the caption is empty",
+    "malformed": "the sample has the wrong shape or lacks a member (no caption, no frames, bad array shape)",
+    "truncated": "a shard is cut short: the rest of it is lost (how many samples that was is unknown)",
+}
 
-def load_image(path: str, data: bytes | None = None) -> tuple[Image.Image | None, str | None]:
-    """Open an image file (or its bytes) as RGB -> (image, None), or (None, why) if missing or undecodable."""
+
+class BadSample(Exception):
+    """A sample that cannot be read: `kind` (one of SKIP_KINDS) and a message naming the file and the fix."""
+
+    def __init__(self, kind: str, message: str):
+        super().__init__(message)
+        self.kind, self.message = kind, message
+
+
+def is_hidden(name: str) -> bool:
+    """Hidden files and folders never hold samples: '.ipynb_checkpoints', '._x.jpg' (macOS), '__MACOSX'."""
+    return name.startswith(".") or name == "__MACOSX"
+
+
+def to_uint8(a: np.ndarray, sixteen_bit: bool = False) -> np.ndarray:
+    """Pixel values of any numeric dtype -> uint8, rescaled by their range, never clipped at 255:
+    uint16 (or sixteen_bit=True, e.g. PIL mode "I" from a 16-bit PNG) -> /257 (65535 -> 255);
+    float in [0, 1] -> ×255; float (or int) up to 255 -> as is; larger ranges -> by their max."""
+    if a.dtype == np.uint8:
+        return a
+    if a.dtype == np.bool_:
+        return a.astype(np.uint8) * 255
+    x = np.nan_to_num(np.asarray(a, dtype=np.float64))
+    lo, hi = (float(x.min()), float(x.max())) if x.size else (0.0, 0.0)
+    if a.dtype.kind == "f":
+        scale = 255.0 if lo >= 0 and hi <= 1 else 1.0 if hi <= 255 else 255.0 / hi
+    elif (a.dtype.kind == "u" and a.dtype.itemsize == 2) or sixteen_bit:  # uint16, either byte order
+        scale = 1 / 257 if hi <= 65535 else 255.0 / hi
+    else:
+        scale = 1.0 if hi <= 255 else 1 / 257 if hi <= 65535 else 255.0 / hi
+    return np.clip(np.rint(x * scale), 0, 255).astype(np.uint8)
+
+
+def _as_rgb(img: Image.Image) -> Image.Image:
+    """RGB in 8 bits. 16-bit grayscale ("I;16*", "I") is divided by 257; float ("F") in [0, 1] is ×255,
+    other floats are scaled by their max (PIL's own convert clips both, so a 16-bit PNG comes out white)."""
+    if img.mode.startswith("I;16") or img.mode == "I":
+        return Image.fromarray(to_uint8(np.asarray(img), sixteen_bit=True), "L").convert("RGB")
+    if img.mode == "F":
+        x = np.nan_to_num(np.asarray(img, dtype=np.float32))
+        hi = float(x.max()) if x.size else 0.0
+        x = x * 255.0 if x.min() >= 0 and hi <= 1 else x * (255.0 / hi if hi > 0 else 0.0)
+        return Image.fromarray(np.clip(np.rint(x), 0, 255).astype(np.uint8), "L").convert("RGB")
+    return img.convert("RGB")
+
+
+def decode_image(path: str, data: bytes | None = None) -> Image.Image:
+    """Open an image file (or its bytes) as 8-bit RGB, upright (EXIF orientation applied); raises BadSample."""
     try:
         with Image.open(io.BytesIO(data) if data is not None else path) as img:  # closed even if decoding fails
             img.load()
-            return img.convert("RGB"), None
-    except FileNotFoundError:
-        return None, f"skipping {path}: the image file does not exist; fix the path in the index or remove the row."
+            try:
+                if img.getexif().get(0x0112, 1) != 1:  # a camera's "rotate 90°" tag: stand the photo up
+                    img = ImageOps.exif_transpose(img)
+            except Exception:  # a broken EXIF block: keep the pixels as stored
+                pass
+            return _as_rgb(img)
+    except (FileNotFoundError, NotADirectoryError):
+        raise BadSample("missing", f"skipping {path}: the image file does not exist; fix the path in the index "
+                                   f"or remove the row.") from None
     except Exception as e:  # PIL raises UnidentifiedImageError, OSError (truncated), ValueError, SyntaxError...
-        return None, f"skipping {path}: the image cannot be decoded ({type(e).__name__}: {e}); replace or remove the file."
+        raise BadSample("undecodable", f"skipping {path}: the image cannot be decoded ({type(e).__name__}: {e}); "
+                                       f"replace or remove the file.") from None
+
+
+def load_image(path: str, data: bytes | None = None) -> tuple[Image.Image | None, str | None]:
+    """decode_image as (image, None), or (None, why) if the image is missing or undecodable."""
+    try:
+        return decode_image(path, data), None
+    except BadSample as e:
+        return None, e.message
 
 
 class SkipCounter:
     """Bad-sample bookkeeping shared by the datasets: `skipped` counts them (in this process — each
-    DataLoader worker has its own copy, which is why the collate functions count the Nones too), and the
-    first WARN_LIMIT of them are named in a warning; the rest are only counted."""
+    DataLoader worker has its own copy, which is why the collate functions count the Nones too),
+    `skip_counts` per kind, `last_skip` = (kind, message) of the latest (set before the None is returned),
+    and the first WARN_LIMIT of them are named in a warning; the rest are only counted."""
 
     skipped = 0
     _shown = 0
+    last_skip: tuple[str, str] | None = None
+    skip_counts = types.MappingProxyType({})  # read-only until the first skip gives the instance its own dict
 
-    def _skip(self, msg: str):
+    def _skip(self, msg: str, kind: str = "undecodable"):
+        if kind not in SKIP_KINDS:
+            raise ValueError(f"unknown skip kind {kind!r}; use one of {', '.join(SKIP_KINDS)}.")
+        self.last_skip = (kind, msg)
         self.skipped += 1
+        counts = self.__dict__.setdefault("skip_counts", {})
+        counts[kind] = counts.get(kind, 0) + 1
         self._shown += 1
         if self._shown <= WARN_LIMIT:
             tail = " (further bad samples are counted, not shown)" if self._shown == WARN_LIMIT else ""
@@ -79,8 +164,10 @@ class SkipCounter:
         return None
 
     def _image(self, path: str, data: bytes | None = None):
-        img, why = load_image(path, data)
-        return img if img is not None else self._skip(why)
+        try:
+            return decode_image(path, data)
+        except BadSample as e:
+            return self._skip(e.message, e.kind)
 
 
 def _read_utf8(path: str) -> str:
@@ -121,6 +208,44 @@ def _resolve(base: str, p: str) -> str:
     return p if os.path.isabs(p) else os.path.join(base, p)
 
 
+PATH_PROBE = 32  # how many of the first relative paths decide where an index file's paths are read from
+
+
+def choose_path_base(index_file: str, paths, root: str | None = None, what: str = "image"):
+    """Where the relative paths listed in `index_file` are read from -> (base folder, rule, one-line note).
+
+    root given: that folder (rule "the given root"). Otherwise the first PATH_PROBE relative paths are
+    looked up beside the index file and in the working directory (open_clip's CsvDataset reads paths as
+    written, i.e. relative to the working directory; mlfoundations/open_clip src/training/data.py), and the
+    folder where more of them exist wins, the index file's own on a tie (rule "beside the index file" or
+    "the working directory"). If none exists in either, rule is None and the note (also a warning) says so:
+    those samples will be skipped as missing. Only relative paths are probed ("absolute paths" if none is)."""
+    beside = os.path.dirname(os.path.abspath(index_file))
+    if root is not None:
+        return root, "the given root", f"{index_file}: {what} paths are read relative to root={root}."
+    rel = [p for p in paths if p and not os.path.isabs(p)][:PATH_PROBE]
+    if not rel:
+        if any(paths):
+            return beside, "absolute paths", f"{index_file}: {what} paths are absolute."
+        return beside, "beside the index file", f"{index_file} lists no {what} paths."
+    cwd = os.getcwd()
+    hits_beside = sum(os.path.exists(os.path.join(beside, p)) for p in rel)
+    hits_cwd = hits_beside if cwd == beside else sum(os.path.exists(os.path.join(cwd, p)) for p in rel)
+    if hits_beside and hits_beside >= hits_cwd:
+        return beside, "beside the index file", (f"{index_file}: {what} paths are read relative to its folder "
+                                                 f"{beside} ({hits_beside} of the first {len(rel)} found there).")
+    if hits_cwd:
+        note = (f"{index_file}: {what} paths are read relative to the working directory {cwd} ({hits_cwd} of the "
+                f"first {len(rel)} found there, {hits_beside} beside the index file).")
+        warnings.warn(note, stacklevel=3)
+        return cwd, "the working directory", note
+    note = (f"{index_file}: none of the first {len(rel)} {what} paths it lists exists, neither beside it ({beside}) "
+            f"nor in the working directory ({cwd}), e.g. {rel[0]!r}; those samples will be skipped as missing — "
+            f"fix the paths, run from the folder they are relative to, or pass root=<that folder>.")
+    warnings.warn(note, stacklevel=3)
+    return beside, None, note
+
+
 def _warn_dropped(path: str, what: str, lines: list[int]) -> None:
     if lines:
         shown = ", ".join(map(str, lines[:10])) + (", ..." if len(lines) > 10 else "")
@@ -135,14 +260,28 @@ CAPTION_KEYS = ("title", "caption", "text", "alt", "sentence")
 
 
 def _pick(columns, key, candidates, path, what, flag):
+    """The column for `key` (or the first of `candidates`), matched exactly, else ignoring case."""
+    columns = list(columns)
+
+    def find(name):
+        if name in columns:
+            return name
+        hits = [c for c in columns if c.lower() == name.lower()]
+        if len(hits) > 1:
+            raise DataFormatError(f"{path} has {len(hits)} {what} columns that differ only in case "
+                                  f"({', '.join(hits)}); rename one or pass {flag}=<the exact name>.")
+        return hits[0] if hits else None
+
     if key is not None:
-        if key not in columns:
+        found = find(key)
+        if found is None:
             raise DataFormatError(f"{path} has no {what} column '{key}' (columns found: {', '.join(columns)}); "
                                   f"pass {flag}=<one of those>.")
-        return key
+        return found
     for c in candidates:
-        if c in columns:
-            return c
+        found = find(c)
+        if found is not None:
+            return found
     raise DataFormatError(f"{path} has no {what} column: none of {', '.join(candidates)} "
                           f"(columns found: {', '.join(columns)}); pass {flag}=<column>.")
 
@@ -150,20 +289,38 @@ def _pick(columns, key, candidates, path, what, flag):
 def read_table(path: str, columns, sep: str | None = None):
     """Read a CSV/TSV file with a header -> (rows as tuples of the wanted columns, their line numbers).
 
-    columns: [(what, key or None, candidate names, flag to set it)]; sep defaults to tab for .tsv, else comma.
+    columns: [(what, key or None, candidate names, flag to set it)], names matched ignoring case; sep
+    defaults to tab for .tsv, else comma. Quoting is strict about lines: a quoted field may not span lines,
+    so an unclosed quote is a DataFormatError naming the line it opened on (Python's csv module would
+    otherwise read every following row into that one field).
     """
     sep = sep if sep is not None else ("\t" if path.lower().endswith((".tsv", ".tab")) else ",")
     sep = "\t" if sep in ("\\t", "tab") else sep
-    reader = csv.reader(io.StringIO(_read_utf8(path), newline=""), delimiter=sep)
+    text = _read_utf8(path)
+    if text and not text.endswith(("\n", "\r")):
+        text += "\n"  # so a quote left open on the last line shows up as a field holding a line break
+    n_lines = len(io.StringIO(text, newline="").readlines())  # the lines csv counts (\n, \r\n or \r)
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=sep)
+
+    def unclosed(start: int, end: int) -> DataFormatError:
+        where = "the end of the file" if end >= n_lines else f"line {end}"
+        return DataFormatError(
+            f"{path}, line {start}: a quote opened on that line is not closed on it, so the field runs on to "
+            f"{where}; close the quote on line {start} (a literal quote inside a quoted field is written \"\"), "
+            f"or drop the quote character.")
+
     try:
         header = [h.strip() for h in next(reader)]
     except StopIteration:
         raise DataFormatError(f"{path} is empty; it needs a header row naming the columns.") from None
     except csv.Error as e:
         raise DataFormatError(f"{path}, line 1: cannot parse the header ({e}).") from None
+    if reader.line_num > 1 or any("\n" in h or "\r" in h for h in header):
+        raise unclosed(1, reader.line_num)
     idx = [header.index(_pick(header, key, cands, path, what, flag)) for what, key, cands, flag in columns]
     rows, lines = [], []
     while True:
+        start = reader.line_num + 1
         try:
             row = next(reader)
         except StopIteration:
@@ -171,6 +328,8 @@ def read_table(path: str, columns, sep: str | None = None):
         except csv.Error as e:
             raise DataFormatError(f"{path}, line {reader.line_num}: malformed CSV ({e}); fix the quoting "
                                   f"on that line.") from None
+        if reader.line_num > start or any("\n" in f or "\r" in f for f in row):
+            raise unclosed(start, reader.line_num)
         if not row or all(not f.strip() for f in row):
             continue
         if len(row) != len(header):
@@ -183,19 +342,22 @@ def read_table(path: str, columns, sep: str | None = None):
 
 
 class ImageTextFile(SkipCounter, Dataset):
-    """Image–text pairs listed in a CSV, TSV or JSONL file; image paths relative to that file (or `root`).
+    """Image–text pairs listed in a CSV, TSV or JSONL file.
 
     Sample: {"image": (3, S, S) normalised, "text": str, "label": int (-1 without label_key)}.
     Columns: image_key / caption_key (default: open_clip's `filepath` / `title`, else the first of a few
-    common names); label_key optional (ints, or class names -> indices into `.classes`).
+    common names; names match ignoring case); label_key optional (ints, or class names -> indices into
+    `.classes`). Relative image paths are read beside the index file, else from the working directory
+    (`choose_path_base`; `path_rule` and `path_note` say which), or from `root` if given.
     Rows with an empty caption are dropped when the file is read, with one warning and a count
     (`dropped_at_load`); a missing or corrupt image makes the sample None (dropped and counted by collate).
+    `caption(i)` is the i-th caption without opening the image (for a tokenizer corpus).
     """
 
     def __init__(self, path: str, img_size: int = 224, split: str = "train", image_key: str | None = None,
                  caption_key: str | None = None, label_key: str | None = None, sep: str | None = None,
                  root: str | None = None, transform=None):
-        self.path, self.root = path, root if root is not None else os.path.dirname(os.path.abspath(path))
+        self.path = path
         self.transform = transform or image_transform(img_size, train=split == "train")
         rows, lines = (self._read_jsonl if path.lower().endswith((".jsonl", ".ndjson")) else self._read_csv)(
             path, image_key, caption_key, label_key, sep)
@@ -211,6 +373,7 @@ class ImageTextFile(SkipCounter, Dataset):
         _warn_dropped(path, "an empty caption", empty)
         self.dropped_at_load = len(empty)
         self.classes, self.labels = self._labels(raw_labels, label_key)
+        self.root, self.path_rule, self.path_note = choose_path_base(path, self.images, root, "image")
 
     def _labels(self, raw, label_key):
         if label_key is None:
@@ -243,18 +406,25 @@ class ImageTextFile(SkipCounter, Dataset):
             if not isinstance(rec, dict):
                 raise DataFormatError(f"{path}, line {n}: expected a JSON object, got {type(rec).__name__}.")
             if keys is None:
-                keys = (_pick(list(rec), image_key, IMAGE_KEYS, f"{path} (line {n})", "image", "image_key"),
-                        _pick(list(rec), caption_key, CAPTION_KEYS, f"{path} (line {n})", "caption", "caption_key"))
-            for k in keys + ((label_key,) if label_key else ()):
+                where = f"{path} (line {n})"
+                keys = (_pick(rec, image_key, IMAGE_KEYS, where, "image", "image_key"),
+                        _pick(rec, caption_key, CAPTION_KEYS, where, "caption", "caption_key"))
+                keys += (_pick(rec, label_key, (), where, "label", "label_key"),) if label_key else ()
+            for k in keys:
                 if k not in rec:
                     raise DataFormatError(f"{path}, line {n}: no key '{k}' (keys found: {', '.join(rec)}).")
             cap = rec[keys[1]]
-            rows.append((str(rec[keys[0]]), "" if cap is None else str(cap), rec.get(label_key) if label_key else None))
+            rows.append((str(rec[keys[0]]), "" if cap is None else str(cap), rec[keys[2]] if label_key else None))
             lines.append(n)
         return rows, lines
 
     def __len__(self) -> int:
         return len(self.images)
+
+    def caption(self, i: int) -> str | None:
+        """The i-th caption, read from the index only: no image is opened, nothing is counted or warned
+        (empty captions were dropped at load, so this is never None here)."""
+        return self.captions[i]
 
     def __getitem__(self, i: int):
         path = _resolve(self.root, self.images[i])
@@ -297,25 +467,31 @@ def _split_key(name: str) -> tuple[str, str]:
 
 
 def iter_tar_groups(path: str):
-    """Yield (key, {ext: bytes}) for consecutive members sharing a key; (None, error) if the shard breaks."""
+    """Yield (key, {ext: bytes}) for consecutive members sharing a key; if the shard is missing or breaks,
+    a last (None, (kind, message)): kind "missing", or "truncated" with the number of samples read before
+    the break (a tar stream holds no index, so how many samples the rest of it held cannot be known).
+    Hidden members ('._x.jpg' from macOS, '.x') are not samples and are passed over."""
+    n = 0
     try:
         with tarfile.open(path, "r|*") as tf:
             key, group = None, {}
             for m in tf:
-                if not m.isfile():
+                if not m.isfile() or is_hidden(posixpath.basename(m.name)):
                     continue
                 k, ext = _split_key(m.name)
                 if k != key:
                     if key is not None:
                         yield key, group
+                        n += 1
                     key, group = k, {}
                 group[ext] = tf.extractfile(m).read()
             if key is not None:
                 yield key, group
     except FileNotFoundError:
-        yield None, f"shard {path} does not exist; check the shard list."
-    except (tarfile.TarError, EOFError, OSError) as e:
-        yield None, f"shard {path} is corrupt or truncated ({type(e).__name__}: {e}); the rest of it is skipped."
+        yield None, ("missing", f"shard {path} does not exist; check the shard list.")
+    except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
+        yield None, ("truncated", f"the rest of shard {path} is lost (after {n} samples): it is corrupt or "
+                                  f"truncated ({type(e).__name__}: {e}); re-download or re-write the shard.")
 
 
 class TarShards(SkipCounter, IterableDataset):
@@ -362,7 +538,7 @@ class TarShards(SkipCounter, IterableDataset):
         return order, G, g
 
     def raw_samples(self, rank: int, world_size: int, worker: int, num_workers: int):
-        """Undecoded (shard, key, {ext: bytes}) of this reader, or (shard, None, error message)."""
+        """Undecoded (shard, key, {ext: bytes}) of this reader, or (shard, None, (skip kind, message))."""
         shards, stride, offset = self.assignment(rank, world_size, worker, num_workers)
         j = 0
         for shard in shards:
@@ -385,20 +561,22 @@ class TarShards(SkipCounter, IterableDataset):
             yield self.decode(shard, key, group)
 
     def decode(self, shard: str, key: str | None, group):
+        """A sample dict, or None after setting last_skip (a broken shard comes as key None, group (kind, msg))."""
         if key is None:
-            return self._skip(group)
+            kind, msg = group
+            return self._skip(msg, kind)
         where = f"{shard}: sample '{key}'"
         img_ext = next((e for e in group if "." + e in IMAGE_EXTS), None)
         if img_ext is None or self.caption_ext not in group:
             return self._skip(f"skipping {where}: it needs an image and a .{self.caption_ext} caption, found "
-                              f"{', '.join('.' + e for e in group) or 'nothing'}.")
+                              f"{', '.join('.' + e for e in group) or 'nothing'}.", "malformed")
         try:
             text = group[self.caption_ext].decode("utf-8").strip()
         except UnicodeDecodeError as e:
             return self._skip(f"skipping {where}: {key}.{self.caption_ext} is not UTF-8 (byte offset {e.start}); "
-                              f"re-encode the caption as UTF-8.")
+                              f"re-encode the caption as UTF-8.", "undecodable")
         if not text:
-            return self._skip(f"skipping {where}: the caption {key}.{self.caption_ext} is empty.")
+            return self._skip(f"skipping {where}: the caption {key}.{self.caption_ext} is empty.", "empty")
         img = self._image(f"{shard}:{key}.{img_ext}", group[img_ext])
         if img is None:
             return None
@@ -416,6 +594,31 @@ class TarShards(SkipCounter, IterableDataset):
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
         return self.samples(rank, world, worker, num_workers)
 
+    def captions(self, limit: int | None = None):
+        """Yield the captions of all shards in their listed order (no shuffling, no split over readers)
+        without decoding any image: for a tokenizer corpus. Undecodable or empty captions and broken shards
+        are passed over silently: nothing is counted or warned (the training pass does that)."""
+        n = 0
+        for shard in self.shards:
+            try:
+                with tarfile.open(shard, "r|*") as tf:
+                    for m in tf:
+                        if not m.isfile() or is_hidden(posixpath.basename(m.name)):
+                            continue
+                        if _split_key(m.name)[1] != self.caption_ext:
+                            continue  # in a stream, an unread member is skipped over, not decoded
+                        try:
+                            text = tf.extractfile(m).read().decode("utf-8").strip()
+                        except UnicodeDecodeError:
+                            continue
+                        if text:
+                            yield text
+                            n += 1
+                            if limit is not None and n >= limit:
+                                return
+            except (tarfile.TarError, EOFError, OSError, zlib.error):
+                continue
+
     def num_samples(self) -> int:
         """Count complete samples in all shards by reading tar headers only (no decoding)."""
         n = 0
@@ -424,7 +627,7 @@ class TarShards(SkipCounter, IterableDataset):
                 with tarfile.open(shard, "r:*") as tf:
                     keys: dict[str, set] = {}
                     for m in tf.getmembers():
-                        if m.isfile():
+                        if m.isfile() and not is_hidden(posixpath.basename(m.name)):
                             k, ext = _split_key(m.name)
                             keys.setdefault(k, set()).add(ext)
                     n += sum(1 for exts in keys.values()
@@ -489,7 +692,8 @@ class ImageFolder(SkipCounter, Dataset):
 
     `.classes` are the folder names with "_" read as spaces (or `class_names`, in sorted-folder order).
     text = template.format(class name) ("a photo of a {}."); with template=None the text is the bare name
-    and `short` is True, so the training loop's prompt augmentation wraps it.
+    and `short` is True, so the training loop's prompt augmentation wraps it. Hidden folders and files
+    ('.ipynb_checkpoints', '._x.jpg', '__MACOSX') are neither classes nor samples.
     """
 
     def __init__(self, root: str, img_size: int = 224, split: str = "train", template: str | None = "a photo of a {}.",
@@ -497,7 +701,8 @@ class ImageFolder(SkipCounter, Dataset):
         if not os.path.isdir(root):
             raise FileNotFoundError(f"{root} is not a directory; an image folder needs one subfolder per class.")
         self.root, self.template = root, template
-        self.folders = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+        self.folders = sorted(d for d in os.listdir(root)
+                              if os.path.isdir(os.path.join(root, d)) and not is_hidden(d))
         if not self.folders:
             raise DataFormatError(f"{root} has no subfolders; put each class's images in root/<class name>/.")
         if class_names is not None and len(class_names) != len(self.folders):
@@ -506,7 +711,8 @@ class ImageFolder(SkipCounter, Dataset):
         self.classes = list(class_names) if class_names is not None else [f.replace("_", " ") for f in self.folders]
         self.samples = []
         for label, folder in enumerate(self.folders):
-            files = sorted(f for f in os.listdir(os.path.join(root, folder)) if f.lower().endswith(IMAGE_EXTS))
+            files = sorted(f for f in os.listdir(os.path.join(root, folder))
+                           if f.lower().endswith(IMAGE_EXTS) and not is_hidden(f))
             if not files:
                 warnings.warn(f"class folder {os.path.join(root, folder)} has no images.", stacklevel=2)
             self.samples += [(os.path.join(root, folder, f), label) for f in files]
@@ -515,13 +721,17 @@ class ImageFolder(SkipCounter, Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
+    def caption(self, i: int) -> str | None:
+        """The i-th sample's text without opening its image (nothing counted or warned)."""
+        name = self.classes[self.samples[i][1]]
+        return self.template.format(name) if self.template else name
+
     def __getitem__(self, i: int):
         path, label = self.samples[i]
         img = self._image(path)
         if img is None:
             return None
-        name = self.classes[label]
-        text = self.template.format(name) if self.template else name
+        text = self.caption(i)
         return {"image": self.transform(img), "text": text, "label": label, "short": self.template is None}
 
 
@@ -601,21 +811,68 @@ class CocoDetection(SkipCounter, Dataset):
 
 # ----------------------------------------------------------------------------- VQA v2
 
+# The official VQA evaluator's answer normalisation, rule for rule (GT-Vision-Lab/VQA,
+# PythonEvaluationTools/vqaEvaluation/vqaEval.py at master, a013f00: manualMap, articles, contractions,
+# punct, periodStrip, commaStrip, processPunctuation, processDigitArticle).
 _NUMBER_WORDS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
                  "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
 _ARTICLES = {"a", "an", "the"}
+_CONTRACTIONS = {
+    "aint": "ain't", "arent": "aren't", "cant": "can't", "couldve": "could've", "couldnt": "couldn't",
+    "couldn'tve": "couldn't've", "couldnt've": "couldn't've", "didnt": "didn't", "doesnt": "doesn't",
+    "dont": "don't", "hadnt": "hadn't", "hadnt've": "hadn't've", "hadn'tve": "hadn't've", "hasnt": "hasn't",
+    "havent": "haven't", "hed": "he'd", "hed've": "he'd've", "he'dve": "he'd've", "hes": "he's", "howd": "how'd",
+    "howll": "how'll", "hows": "how's", "Id've": "I'd've", "I'dve": "I'd've", "Im": "I'm", "Ive": "I've",
+    "isnt": "isn't", "itd": "it'd", "itd've": "it'd've", "it'dve": "it'd've", "itll": "it'll", "let's": "let's",
+    "maam": "ma'am", "mightnt": "mightn't", "mightnt've": "mightn't've", "mightn'tve": "mightn't've",
+    "mightve": "might've", "mustnt": "mustn't", "mustve": "must've", "neednt": "needn't", "notve": "not've",
+    "oclock": "o'clock", "oughtnt": "oughtn't", "ow's'at": "'ow's'at", "'ows'at": "'ow's'at",
+    "'ow'sat": "'ow's'at", "shant": "shan't", "shed've": "she'd've", "she'dve": "she'd've", "she's": "she's",
+    "shouldve": "should've", "shouldnt": "shouldn't", "shouldnt've": "shouldn't've",
+    "shouldn'tve": "shouldn't've", "somebody'd": "somebodyd", "somebodyd've": "somebody'd've",
+    "somebody'dve": "somebody'd've", "somebodyll": "somebody'll", "somebodys": "somebody's",
+    "someoned": "someone'd", "someoned've": "someone'd've", "someone'dve": "someone'd've",
+    "someonell": "someone'll", "someones": "someone's", "somethingd": "something'd",
+    "somethingd've": "something'd've", "something'dve": "something'd've", "somethingll": "something'll",
+    "thats": "that's", "thered": "there'd", "thered've": "there'd've", "there'dve": "there'd've",
+    "therere": "there're", "theres": "there's", "theyd": "they'd", "theyd've": "they'd've",
+    "they'dve": "they'd've", "theyll": "they'll", "theyre": "they're", "theyve": "they've", "twas": "'twas",
+    "wasnt": "wasn't", "wed've": "we'd've", "we'dve": "we'd've", "weve": "we've", "werent": "weren't",
+    "whatll": "what'll", "whatre": "what're", "whats": "what's", "whatve": "what've", "whens": "when's",
+    "whered": "where'd", "wheres": "where's", "whereve": "where've", "whod": "who'd", "whod've": "who'd've",
+    "who'dve": "who'd've", "wholl": "who'll", "whos": "who's", "whove": "who've", "whyll": "why'll",
+    "whyre": "why're", "whys": "why's", "wont": "won't", "wouldve": "would've", "wouldnt": "wouldn't",
+    "wouldnt've": "wouldn't've", "wouldn'tve": "wouldn't've", "yall": "y'all", "yall'll": "y'all'll",
+    "y'allll": "y'all'll", "yall'd've": "y'all'd've", "y'alld've": "y'all'd've", "y'all'dve": "y'all'd've",
+    "youd": "you'd", "youd've": "you'd've", "you'dve": "you'd've", "youll": "you'll", "youre": "you're",
+    "youve": "you've"}
+_PUNCT = [";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?", "!"]
+_PERIOD_STRIP = re.compile(r"(?!<=\d)(\.)(?!\d)")  # sic: "(?!<=" is a lookahead, so in effect r"\.(?!\d)"
+_COMMA_STRIP = re.compile(r"(\d)(,)(\d)")
 
 
 def normalize_answer(ans: str) -> str:
-    """The gist of the official VQA answer normalisation (GT-Vision-Lab/VQA,
-    PythonEvaluationTools/vqaEvaluation/vqaEval.py processPunctuation / processDigitArticle):
-    lower case, punctuation removed (a decimal point kept), number words as digits, articles dropped."""
-    a = ans.lower().replace("\n", " ").replace("\t", " ").strip()
-    a = re.sub(r"\.(?!\d)", "", a)  # a period not followed by a digit (vqaEval's periodStrip in effect)
-    a = re.sub(r"(?<=\d),(?=\d)", "", a)  # 1,000 -> 1000
-    a = re.sub(r"[;/\[\]\"{}()=+\\_\-><@`,?!*#%^&$']", " ", a)
-    words = [_NUMBER_WORDS.get(w, w) for w in a.split() if w not in _ARTICLES]
-    return " ".join(words)
+    """A VQA answer as the official evaluator compares it (vqaEval.py: the tab/newline clean-up of
+    `evaluate`, then processPunctuation and processDigitArticle):
+
+    * each mark of `_PUNCT` (not the apostrophe, not & % $ # * ^ :) is deleted if it touches a space
+      somewhere in the answer or the answer holds a digit-comma-digit ("1,000" -> "1000", "1, 2" -> "1 2"),
+      else replaced by a space ("black/white" -> "black white");
+    * a period not followed by a digit is deleted ("yes." -> "yes", "3.5" stays; at most 32 of them,
+      because the evaluator passes re.UNICODE where `sub` takes its count);
+    * lower case, number words zero..ten (and "none") as digits, articles a/an/the dropped, and the
+      evaluator's contraction map applied per word ("dont" -> "don't").
+    """
+    text = ans.replace("\n", " ").replace("\t", " ").strip()
+    out = text
+    spaced_or_number = _COMMA_STRIP.search(text) is not None
+    for p in _PUNCT:
+        touches_space = p + " " in text or " " + p in text
+        out = out.replace(p, "" if touches_space or spaced_or_number else " ")
+    out = _PERIOD_STRIP.sub("", out, count=32)
+    words = [_NUMBER_WORDS.get(w, w) for w in out.lower().split()]
+    words = [w for w in words if w not in _ARTICLES]
+    return " ".join(_CONTRACTIONS.get(w, w) for w in words)
 
 
 class VQAv2(SkipCounter, Dataset):
@@ -696,9 +953,10 @@ class VQAv2(SkipCounter, Dataset):
 # ----------------------------------------------------------------------------- video clips
 
 class VideoClips(SkipCounter, Dataset):
-    """A labels CSV (columns `path`, `label`) listing clips as folders of frame images or .npy arrays
-    (T, H, W, 3) uint8; paths relative to the CSV (or `root`). Kinetics-style lists convert to this with
-    one line per clip.
+    """A labels CSV (columns `path`, `label`; also `filepath`/`video`, `class`; any case) listing clips as
+    folders of frame images or .npy arrays (T, H, W[, 3]); relative paths are read beside the CSV, else from
+    the working directory (`path_rule`), or from `root`. Kinetics-style lists convert to this with one line
+    per clip. Arrays are read as they are: uint8 as is, float in [0, 1] ×255, uint16 /257 (`to_uint8`).
 
     `num_frames` frames are taken `stride` apart: from a random start in training, centred in evaluation;
     a clip shorter than the span repeats its last frame. Labels are class names (-> indices into the sorted
@@ -706,12 +964,12 @@ class VideoClips(SkipCounter, Dataset):
     """
 
     def __init__(self, labels_csv: str, root: str | None = None, num_frames: int = 8, stride: int = 2,
-                 img_size: int = 64, split: str = "train", path_key: str = "path", label_key: str = "label",
-                 classes: list[str] | None = None, transform=None):
-        self.root = root if root is not None else os.path.dirname(os.path.abspath(labels_csv))
+                 img_size: int = 64, split: str = "train", path_key: str | None = None,
+                 label_key: str | None = None, classes: list[str] | None = None, transform=None):
         rows, _ = read_table(labels_csv, [("clip path", path_key, ("path", "filepath", "video"), "path_key"),
                                           ("label", label_key, ("label", "class"), "label_key")])
         self.paths = [r[0] for r in rows]
+        self.root, self.path_rule, self.path_note = choose_path_base(labels_csv, self.paths, root, "clip")
         raw = [r[1].strip() for r in rows]
         if classes is None:
             if all(re.fullmatch(r"\d+", v) for v in raw):
@@ -737,31 +995,40 @@ class VideoClips(SkipCounter, Dataset):
         start = int(torch.randint(0, slack + 1, (1,))) if self.train else slack // 2
         return [min(start + k * self.stride, n - 1) for k in range(self.num_frames)]
 
-    def _frames(self, path: str):
-        if path.lower().endswith(".npy"):
-            try:
-                arr = np.load(path, mmap_mode="r")
-            except FileNotFoundError:
-                return self._skip(f"skipping {path}: the clip file does not exist; fix the path in the labels CSV.")
-            except Exception as e:
-                return self._skip(f"skipping {path}: cannot read the array ({type(e).__name__}: {e}); "
-                                  f"re-save it with np.save.")
-            if arr.ndim not in (3, 4) or len(arr) == 0:
-                return self._skip(f"skipping {path}: expected frames (T, H, W[, 3]), got shape {arr.shape}.")
-            frames = [np.asarray(arr[i]) for i in self.frame_indices(len(arr))]
-            return [Image.fromarray(f.astype(np.uint8)).convert("RGB") for f in frames]
+    def _array_frames(self, path: str) -> list[Image.Image]:
+        """The sampled frames of a .npy clip as RGB images; raises BadSample."""
+        try:
+            arr = np.load(path, mmap_mode="r")
+        except FileNotFoundError:
+            raise BadSample("missing", f"skipping {path}: the clip file does not exist; fix the path in the "
+                                       f"labels CSV.") from None
+        except Exception as e:
+            raise BadSample("undecodable", f"skipping {path}: cannot read the array ({type(e).__name__}: {e}); "
+                                           f"re-save it with np.save.") from None
+        ok = arr.ndim == 3 or (arr.ndim == 4 and arr.shape[-1] in (1, 3, 4))
+        if not ok or len(arr) == 0 or arr.dtype.kind not in "biuf":
+            raise BadSample("malformed", f"skipping {path}: expected frames (T, H, W) or (T, H, W, 3) of numbers, "
+                                         f"got shape {arr.shape} of {arr.dtype}; re-save the clip in that layout.")
+        frames = to_uint8(np.stack([np.asarray(arr[i]) for i in self.frame_indices(len(arr))]))  # one scale per clip
+        if frames.ndim == 4:
+            frames = frames[..., 0] if frames.shape[-1] == 1 else frames[..., :3]  # grey, or RGBA without alpha
+        return [Image.fromarray(np.ascontiguousarray(f)).convert("RGB") for f in frames]
+
+    def _folder_frames(self, path: str) -> list[Image.Image]:
         if not os.path.isdir(path):
-            return self._skip(f"skipping {path}: no such frame folder or .npy file; fix the path in the labels CSV.")
-        files = sorted(f for f in os.listdir(path) if f.lower().endswith(IMAGE_EXTS))
+            raise BadSample("missing", f"skipping {path}: no such frame folder or .npy file; fix the path in the "
+                                       f"labels CSV.")
+        files = sorted(f for f in os.listdir(path) if f.lower().endswith(IMAGE_EXTS) and not is_hidden(f))
         if not files:
-            return self._skip(f"skipping {path}: the folder has no frame images.")
-        frames = []
-        for i in self.frame_indices(len(files)):
-            img, why = load_image(os.path.join(path, files[i]))
-            if img is None:
-                return self._skip(why)
-            frames.append(img)
-        return frames
+            raise BadSample("malformed", f"skipping {path}: the folder has no frame images; add the frames "
+                                         f"or remove the row.")
+        return [decode_image(os.path.join(path, files[i])) for i in self.frame_indices(len(files))]
+
+    def _frames(self, path: str):
+        try:
+            return self._array_frames(path) if path.lower().endswith(".npy") else self._folder_frames(path)
+        except BadSample as e:
+            return self._skip(e.message, e.kind)
 
     def __getitem__(self, i: int):
         frames = self._frames(_resolve(self.root, self.paths[i]))

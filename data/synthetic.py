@@ -370,7 +370,9 @@ class ShapesVQA(_Synthetic):
     """An image of 1–4 distinct shapes and a question about colour, shape, count, existence or position.
 
     Ten annotators answer; each errs with a per-question probability in [0, noise_max] by picking another
-    answer of the same type, so the soft targets (`vqa_score`) take values .3/.6/.9/1. `.answers` is the
+    answer of the same type, so the soft targets (`vqa_score`: for an answer given by k of the 10, the mean of
+    min(1, k′/3) over the ten leave-one-annotator-out subsets, k′ its count among the other nine — the
+    official VQA accuracy) take values .3/.6/.9/1 for k = 1/2/3/≥4. `.answers` is the
     fixed answer vocabulary; the sample also carries the true answer and the question type.
     """
 

@@ -5,7 +5,8 @@ The semantics follow torchvision's, so numbers line up with the published recipe
     (pytorch/vision, torchvision/transforms/transforms.py, `RandomResizedCrop.get_params`):
     up to 10 tries at a random area fraction in `scale` and log-uniform aspect in `ratio`,
     then a centre crop with the aspect clamped into `ratio`.
-  * `resize(img, int)` resizes the *shorter* side, as torchvision's Resize does.
+  * `resize(img, int)` resizes the *shorter* side, as torchvision's Resize does, and truncates the
+    longer one as it does (int(size · long / short)).
   * Boxes are xyxy in continuous pixel coordinates (pixel column j spans [j, j+1)), so a horizontal
     flip maps x -> W - x (x1' = W - x2, x2' = W - x1) and a resize maps x -> x * W'/W, as in
     torchvision.transforms.v2.functional (horizontal_flip_bounding_boxes / resize_bounding_boxes).
@@ -77,13 +78,16 @@ def _hw(size) -> tuple[int, int]:
 
 
 def resize(img: Image.Image, size, interpolation=BICUBIC) -> Image.Image:
-    """size: int -> shorter side becomes `size` (aspect kept); (h, w) -> exactly that."""
+    """size: int -> shorter side becomes `size`, longer side int(size · long / short) (aspect kept,
+    truncated as torchvision's `_compute_resized_output_size`, pytorch/vision
+    torchvision/transforms/functional.py: a 640×427 image to 224 becomes 335×224, not 336×224);
+    (h, w) -> exactly that. At least 1 pixel per side."""
     w, h = img.size
     if isinstance(size, int):
         if w <= h:
-            new_w, new_h = size, max(1, round(h * size / w))
+            new_w, new_h = size, max(1, int(size * h / w))
         else:
-            new_w, new_h = max(1, round(w * size / h)), size
+            new_w, new_h = max(1, int(size * w / h)), size
     else:
         new_h, new_w = _hw(size)
     if (new_w, new_h) == (w, h):

@@ -86,9 +86,11 @@ class PretrainTask(Task):
         ds, limit = self._train, self.cfg.tokenizer_texts
         texts = []
         if isinstance(ds, IterableDataset):
-            for s in ds:
-                if s is not None:
-                    texts.append(s["text"])
+            inner = getattr(ds, "ds", ds)  # a stage-2 stream wraps the shards
+            stream = inner.captions(limit) if hasattr(inner, "captions") else (s and s["text"] for s in ds)
+            for t in stream:  # shards: the captions without decoding the images
+                if t is not None:
+                    texts.append(t)
                 if len(texts) >= limit:
                     break
         else:

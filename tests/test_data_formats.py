@@ -12,8 +12,9 @@ import torch
 from PIL import Image
 
 import data
-from data import (CocoDetection, DataFormatError, ImageFolder, ImageTextFile, ShapesText, TarShards, VideoClips,
-                  VQAv2, build_dataset, collate_image_text, make_loader, write_shards)
+from data import (SKIP_KINDS, CocoDetection, DataFormatError, ImageFolder, ImageTextFile, ShapesText, TarShards,
+                  VideoClips, VQAv2, build_dataset, collate_image_text, make_loader, normalize_answer, write_shards)
+from data.formats import load_image
 from data.transforms import denormalize
 
 S = 32
@@ -58,7 +59,7 @@ def test_image_text_file_round_trip(tmp_path, shapes, fmt, monkeypatch):
         path, kw = _write(tmp_path / "lists" / "pairs.jsonl", "\n".join(rows) + "\n"), dict(label_key="label")
     monkeypatch.chdir(tmp_path / "imgs")  # relative paths resolve against the file, not the cwd
     ds = ImageTextFile(path, img_size=S, split="val", **kw)
-    assert len(ds) == 5
+    assert len(ds) == 5 and ds.path_rule == "beside the index file"
     for i in range(5):
         s = ds[i]
         assert s["text"] == texts[i]
@@ -89,8 +90,10 @@ def test_bad_images_and_empty_captions_are_skipped_and_counted(tmp_path, shapes)
     assert len(ds) == 6 and ds.dropped_at_load == 1
     with pytest.warns(UserWarning, match="missing.png: the image file does not exist"):
         assert ds[1] is None
+    assert ds.last_skip[0] == "missing" and "missing.png" in ds.last_skip[1]
     with pytest.warns(UserWarning, match="corrupt.png: the image cannot be decoded"):
         assert ds[2] is None
+    assert ds.last_skip[0] == "undecodable" and "corrupt.png" in ds.last_skip[1]
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter("always")
         batch = collate_image_text([ds[i] for i in range(len(ds))])
@@ -129,6 +132,214 @@ def test_malformed_index_files_name_the_file_and_line(tmp_path):
     p = _write(tmp_path / "keys.jsonl", '{"image": "a.png", "text": "x"}\n{"image": "b.png"}\n')
     with pytest.raises(DataFormatError, match=r"keys.jsonl, line 2: no key 'text' \(keys found: image\)"):
         ImageTextFile(p)
+
+
+def test_relative_paths_beside_the_file_else_the_working_directory(tmp_path, shapes, monkeypatch):
+    for i in range(3):
+        _save(shapes.image_uint8(i), tmp_path / "imgs" / f"{i}.png")
+    path = _write(tmp_path / "lists" / "pairs.csv", "filepath,title\n" + "".join(
+        f"imgs/{i}.png,shape {i}\n" for i in range(3)))  # open_clip style: relative to where the run starts
+    monkeypatch.chdir(tmp_path)
+    with pytest.warns(UserWarning, match=r"pairs.csv: image paths are read relative to the working directory"):
+        ds = ImageTextFile(path, img_size=S, split="val")
+    assert ds.path_rule == "the working directory" and "3 of the first 3" in ds.path_note
+    monkeypatch.chdir(tmp_path / "lists")  # decided once, as an absolute folder: a later chdir changes nothing
+    assert torch.equal(ds[2]["image"], shapes[2]["image"])
+    with pytest.warns(UserWarning, match=r"none of the first 3 image paths it lists exists.*pass root="):
+        lost = ImageTextFile(path, img_size=S, split="val")
+    assert lost.path_rule is None
+    with pytest.warns(UserWarning, match="does not exist"):
+        assert lost[0] is None
+    assert lost.last_skip[0] == "missing"
+    given = ImageTextFile(path, img_size=S, split="val", root=str(tmp_path))
+    assert given.path_rule == "the given root" and given[1]["text"] == "shape 1"
+    # the labels CSV of VideoClips follows the same rule
+    os.makedirs(tmp_path / "clips")
+    np.save(tmp_path / "clips" / "a.npy", np.zeros((4, 8, 8, 3), np.uint8))
+    labels = _write(tmp_path / "lists" / "labels.csv", "path,label\nclips/a.npy,wave\n")
+    monkeypatch.chdir(tmp_path)
+    with pytest.warns(UserWarning, match="clip paths are read relative to the working directory"):
+        clips = VideoClips(labels, num_frames=2, img_size=8, split="val")
+    assert clips.path_rule == "the working directory" and clips[0]["video"].shape == (3, 2, 8, 8)
+
+
+def test_an_unclosed_quote_names_its_line_instead_of_swallowing_rows(tmp_path):
+    rows = [f"{i}.png,caption {i}" for i in range(40)]
+    good = _write(tmp_path / "good.csv", "filepath,title\n" + "\n".join(
+        rows[:3] + ['3.png,"a caption, with a comma and ""quotes"""'] + rows[4:]) + "\n")
+    with pytest.warns(UserWarning, match="none of the first 32 image paths"):  # no images here, just rows
+        ds = ImageTextFile(good)
+    assert len(ds) == 40 and ds.caption(3) == 'a caption, with a comma and "quotes"'
+    rows[4] = '4.png,"an unclosed caption'  # line 6 (the header is line 1)
+    p = _write(tmp_path / "open.csv", "filepath,title\n" + "\n".join(rows) + "\n")
+    with pytest.raises(DataFormatError, match=r"open.csv, line 6: a quote opened on that line is not closed on "
+                                              r"it, so the field runs on to the end of the file; close the quote "
+                                              r"on line 6"):
+        ImageTextFile(p)
+    rows[8] = '8.png,a stray quote" here'  # a later quote closes the field: 40 rows would read as 36
+    p = _write(tmp_path / "closed.csv", "filepath,title\n" + "\n".join(rows) + "\n")
+    with pytest.raises(DataFormatError, match=r"closed.csv, line 6: .* runs on to line 10;"):
+        ImageTextFile(p)
+    p = _write(tmp_path / "eof.tsv", 'filepath\ttitle\na.png\tfine\nb.png\t"no end')  # no final newline
+    with pytest.raises(DataFormatError, match=r"eof.tsv, line 3: .* runs on to the end of the file"):
+        ImageTextFile(p)
+    p = _write(tmp_path / "head.csv", 'filepath,"title\na.png,x\n')
+    with pytest.raises(DataFormatError, match=r"head.csv, line 1: a quote opened on that line"):
+        ImageTextFile(p)
+    p = _write(tmp_path / "video.csv", 'path,label\na.npy,"wave\nb.npy,clap\n')
+    with pytest.raises(DataFormatError, match=r"video.csv, line 2: a quote opened"):
+        VideoClips(p)
+
+
+def test_column_names_match_ignoring_case(tmp_path, shapes):
+    _save(shapes.image_uint8(0), tmp_path / "0.png")
+    ds = ImageTextFile(_write(tmp_path / "a.csv", "FilePath,Title\n0.png,zero\n"), img_size=S, split="val")
+    assert ds[0]["text"] == "zero"
+    ds = ImageTextFile(_write(tmp_path / "b.tsv", "IMG\tCaption\tLabel\n0.png\tzero\tcat\n"), img_size=S,
+                       split="val", image_key="img", caption_key="caption", label_key="label")
+    assert ds[0]["text"] == "zero" and ds.classes == ["cat"]
+    ds = ImageTextFile(_write(tmp_path / "c.jsonl", '{"Image": "0.png", "TEXT": "zero", "Label": 3}\n'),
+                       img_size=S, split="val", label_key="label")
+    assert ds[0]["text"] == "zero" and ds[0]["label"] == 3
+    assert ImageTextFile(_write(tmp_path / "d.csv", "title,Title,filepath\nexact,other,0.png\n")).caption(0) == "exact"
+    with pytest.raises(DataFormatError, match=r"e.csv has 2 caption columns that differ only in case \(Title, TITLE\)"):
+        ImageTextFile(_write(tmp_path / "e.csv", "filepath,Title,TITLE\n0.png,a,b\n"))
+    np.save(tmp_path / "c.npy", np.zeros((2, 8, 8, 3), np.uint8))
+    clips = VideoClips(_write(tmp_path / "v.csv", "Video,Class\nc.npy,wave\n"), num_frames=2, img_size=8)
+    assert clips.classes == ["wave"] and clips[0]["video"].shape == (3, 2, 8, 8)
+
+
+# ----------------------------------------------------------------------------- reading images as they are
+
+def test_16_bit_and_float_images_are_rescaled_not_clipped(tmp_path):
+    rng = np.random.default_rng(0)
+    a8 = np.tile(np.arange(256, dtype=np.uint8), (8, 1))  # every grey level
+    a16 = np.clip(a8.astype(np.int64) * 257 + rng.integers(-120, 121, a8.shape), 0, 65535).astype(np.uint16)
+    Image.fromarray(a16).save(tmp_path / "deep.png")
+    assert Image.open(tmp_path / "deep.png").mode == "I;16"
+    got, _ = load_image(str(tmp_path / "deep.png"))
+    g = np.asarray(got).astype(int)
+    assert g.shape == (8, 256, 3) and abs(g.mean() - a8.mean()) <= 1 and np.abs(g[..., 0] - a8).max() <= 1
+    Image.fromarray(a16.astype(np.int32), "I").save(tmp_path / "deep32.tif")  # mode "I" holding 16-bit values
+    assert np.abs(np.asarray(load_image(str(tmp_path / "deep32.tif"))[0])[..., 1].astype(int) - a8).max() <= 1
+    dim = a8 // 2  # float in [0, 1] (max 0.5 here): ×255, not stretched to its max
+    Image.fromarray(dim.astype(np.float32) / 255, "F").save(tmp_path / "unit.tif")
+    assert np.abs(np.asarray(load_image(str(tmp_path / "unit.tif"))[0])[..., 2].astype(int) - dim).max() <= 1
+    Image.fromarray(a8.astype(np.float32) * 4.0, "F").save(tmp_path / "wide.tif")  # float beyond 1: by its max
+    assert np.abs(np.asarray(load_image(str(tmp_path / "wide.tif"))[0])[..., 0].astype(int) - a8).max() <= 1
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    arr = np.zeros((24, 48, 3), np.uint8)  # H=24, W=48; the top-left quarter is white
+    arr[:12, :24] = 255
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90° clockwise to display"
+    Image.fromarray(arr).save(tmp_path / "phone.jpg", quality=95, exif=exif)
+    Image.fromarray(arr).save(tmp_path / "plain.jpg", quality=95)
+    img, _ = load_image(str(tmp_path / "phone.jpg"))
+    assert img.size == (24, 48)  # (W, H): standing up
+    expected = np.rot90(arr, k=-1)  # clockwise: the white quarter is now top-right
+    assert np.abs(np.asarray(img).astype(int) - expected).mean() < 4
+    assert load_image(str(tmp_path / "plain.jpg"))[0].size == (48, 24)
+
+
+def test_float_and_16_bit_clip_arrays_are_scaled(tmp_path):
+    rng = np.random.default_rng(1)
+    clip = rng.integers(0, 256, (6, 16, 16, 3), dtype=np.uint8)
+    np.save(tmp_path / "u8.npy", clip)
+    np.save(tmp_path / "unit.npy", clip.astype(np.float32) / 255)      # float in [0, 1]
+    np.save(tmp_path / "f255.npy", clip.astype(np.float32))           # float already in [0, 255]
+    np.save(tmp_path / "u16.npy", clip.astype(np.uint16) * 257)       # 16-bit
+    np.save(tmp_path / "grey.npy", clip[..., :1])                     # (T, H, W, 1)
+    np.save(tmp_path / "dark16.npy", clip.astype(np.uint16))           # 16-bit, all below 256: near black
+    np.save(tmp_path / "bad.npy", np.zeros((4, 16, 16, 2), np.uint8))
+    names = ["u8", "unit", "f255", "u16", "grey", "dark16", "bad"]
+    ds = VideoClips(_write(tmp_path / "l.csv", "path,label\n" + "".join(f"{n}.npy,x\n" for n in names)),
+                    num_frames=4, stride=1, img_size=16, split="val")
+    ref = denormalize(ds[0]["video"])
+    for i in (1, 2, 3):
+        assert (denormalize(ds[i]["video"]) - ref).abs().max() <= 1.01 / 255  # within rounding
+    grey = denormalize(ds[4]["video"])
+    assert (grey - ref[:1]).abs().max() <= 1.01 / 255 and torch.allclose(grey[0], grey[2], atol=1e-6)
+    assert denormalize(ds[5]["video"]).max() <= 1.01 / 255  # 255 / 257 rounds to 1
+    with pytest.warns(UserWarning, match=r"bad.npy: expected frames \(T, H, W\) or \(T, H, W, 3\)"):
+        assert ds[6] is None
+    assert ds.last_skip[0] == "malformed"
+
+
+def test_hidden_files_and_folders_are_never_classes_or_samples(tmp_path, shapes):
+    for i in range(4):
+        _save(shapes.image_uint8(i), tmp_path / ("cat" if i % 2 else "dog") / f"{i}.png")
+    _save(shapes.image_uint8(5), tmp_path / ".ipynb_checkpoints" / "5-checkpoint.png")
+    _save(shapes.image_uint8(6), tmp_path / "__MACOSX" / "cat" / "6.png")
+    (tmp_path / "cat" / "._1.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")  # macOS resource fork
+    _save(shapes.image_uint8(7), tmp_path / "dog" / ".hidden.png")
+    ds = ImageFolder(str(tmp_path), img_size=S, split="val")
+    assert ds.classes == ["cat", "dog"] and len(ds) == 4
+    assert all(not os.path.basename(p).startswith(".") for p, _ in ds.samples)
+    # frame folders of a clip, and tar shards, pass over hidden files too
+    for t in range(3):
+        _save(np.full((8, 8, 3), 40 * t, np.uint8), tmp_path / "clip" / f"{t:04d}.png")
+    (tmp_path / "clip" / "._0000.png").write_bytes(b"junk")
+    clips = VideoClips(_write(tmp_path / "v.csv", "path,label\nclip,a\n"), num_frames=3, stride=1, img_size=8,
+                       split="val")
+    level = (denormalize(clips[0]["video"]).mean(dim=(0, 2, 3)) * 255 / 40).round().tolist()
+    assert level == [0, 1, 2] and clips.skipped == 0
+    with tarfile.open(tmp_path / "mac.tar", "w") as tf:
+        for name, payload in [("._a.jpg", b"junk"), ("a.jpg", _jpeg(shapes.image_uint8(0))), ("a.txt", b"fine")]:
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tf.addfile(info, io.BytesIO(payload))
+    shards = TarShards([str(tmp_path / "mac.tar")], img_size=S, split="val")
+    assert [s["text"] for s in shards] == ["fine"] and shards.skipped == 0 and shards.num_samples() == 1
+
+
+# ----------------------------------------------------------------------------- skip kinds and captions
+
+def test_every_skip_names_its_kind(tmp_path, shapes):
+    assert set(SKIP_KINDS) == {"missing", "undecodable", "empty", "malformed", "truncated"}
+    np.save(tmp_path / "bad_shape.npy", np.zeros((3, 4), np.uint8))
+    (tmp_path / "not_an_array.npy").write_bytes(b"not numpy")
+    os.makedirs(tmp_path / "no_frames")
+    _save(shapes.image_uint8(0), tmp_path / "broken_frame" / "0000.png")
+    (tmp_path / "broken_frame" / "0001.png").write_bytes(b"not a png")
+    rows = ["gone.npy", "bad_shape.npy", "not_an_array.npy", "no_frames", "no_folder", "broken_frame"]
+    ds = VideoClips(_write(tmp_path / "l.csv", "path,label\n" + "".join(f"{r},x\n" for r in rows)),
+                    num_frames=2, stride=1, img_size=8, split="val")
+    kinds = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for i in range(len(ds)):
+            assert ds[i] is None
+            kinds.append(ds.last_skip[0])
+    assert kinds == ["missing", "malformed", "undecodable", "malformed", "missing", "undecodable"]
+    assert ds.skipped == 6 and sum(ds.skip_counts.values()) == 6 and set(ds.skip_counts) <= set(SKIP_KINDS)
+    with pytest.raises(ValueError, match="unknown skip kind 'oops'"):
+        ds._skip("x", "oops")
+
+
+def test_captions_are_read_without_opening_images_or_spending_warnings(tmp_path, shapes):
+    rows = ["filepath,title"] + [f"missing{i}.png,caption {i}" for i in range(data.formats.WARN_LIMIT + 5)]
+    _save(shapes.image_uint8(0), tmp_path / "real.png")
+    rows.append("real.png,the real one")
+    ds = ImageTextFile(_write(tmp_path / "p.csv", "\n".join(rows) + "\n"), img_size=S, split="val")
+    assert ds.path_rule == "beside the index file"  # one of the first 32 paths is found there
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        texts = [ds.caption(i) for i in range(len(ds))]
+    assert texts[:2] == ["caption 0", "caption 1"] and texts[-1] == "the real one"
+    assert w == [] and ds.skipped == 0 and ds.last_skip is None
+    with pytest.warns(UserWarning, match="missing0.png: the image file does not exist"):  # still the first warning
+        assert ds[0] is None
+    folder = tmp_path / "folder"
+    _save(shapes.image_uint8(1), folder / "red_circle" / "0.png")
+    assert ImageFolder(str(folder)).caption(0) == "a photo of a red circle."
+    paths, n = _shards(tmp_path, shapes, 2, 3)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        caps = list(TarShards(paths).captions())
+    assert caps == [f"caption {i}" for i in range(n)] and w == []
+    assert list(TarShards(paths).captions(limit=4)) == [f"caption {i}" for i in range(4)]
 
 
 # ----------------------------------------------------------------------------- tar shards
@@ -205,20 +416,40 @@ def test_bad_shard_samples_are_skipped_and_counted(tmp_path, shapes):
         add("d.jpg", good), add("d.txt", b"   ")             # empty caption
         add("e.jpg", b"not a jpeg"), add("e.txt", b"broken")  # corrupt image
         add("f.jpg", good), add("f.txt", b"also fine")
-    (tmp_path / "trunc.tar").write_bytes(path.read_bytes()[:2000])  # cut mid-shard
     ds = TarShards([str(path)], img_size=S, split="val")
+    kinds = []
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter("always")
-        out = list(ds)
+        out = []
+        for s in ds:  # last_skip is set on the dataset before each None is yielded
+            out.append(s)
+            if s is None:
+                kinds.append(ds.last_skip[0])
     msgs = " | ".join(str(x.message) for x in w)
     assert "sample 'b'" in msgs and "found .jpg" in msgs
     assert "c.txt is not UTF-8 (byte offset 3)" in msgs
     assert "caption d.txt is empty" in msgs and "e.jpg: the image cannot be decoded" in msgs
+    assert kinds == ["malformed", "undecodable", "empty", "undecodable"]
+    assert ds.skip_counts == {"malformed": 1, "undecodable": 2, "empty": 1}
     batch = collate_image_text(out)
     assert batch["text"] == ["fine", "also fine"] and batch["skipped"] == 4
-    with pytest.warns(UserWarning, match="trunc.tar is corrupt or truncated"):
-        out = list(TarShards([str(tmp_path / "trunc.tar")], img_size=S, split="val"))
-    assert out[-1] is None
+
+
+def test_truncated_shard_says_the_rest_is_lost_after_n_samples(tmp_path, shapes):
+    paths, _ = _shards(tmp_path, shapes, 1, 6)
+    with tarfile.open(paths[0]) as tf:
+        offsets = [m.offset for m in tf.getmembers()]  # each sample is key.jpg, key.txt, key.cls
+    raw = open(paths[0], "rb").read()
+    (tmp_path / "trunc.tar").write_bytes(raw[:offsets[3 * 4] + 700])  # 4 whole samples, then cut inside a jpg
+    ds = TarShards([str(tmp_path / "trunc.tar")], img_size=S, split="val")
+    with pytest.warns(UserWarning, match=r"the rest of shard .*trunc.tar is lost \(after 4 samples\)"):
+        out = list(ds)
+    assert [s["text"] for s in out[:-1]] == [f"caption {i}" for i in range(4)] and out[-1] is None
+    assert ds.last_skip[0] == "truncated" and ds.skip_counts == {"truncated": 1}
+    gone = TarShards([str(tmp_path / "nowhere.tar")], img_size=S, split="val")
+    with pytest.warns(UserWarning, match="nowhere.tar does not exist"):
+        assert list(gone) == [None]
+    assert gone.last_skip[0] == "missing"
 
 
 # ----------------------------------------------------------------------------- image folders
@@ -324,6 +555,27 @@ def test_vqa_v2_vocabulary_and_soft_scores(tmp_path, shapes):
     assert test_split[1]["target"].sum() == 0 and test_split.answers == ds.answers
     assert data.normalize_answer("The Two dogs.") == "2 dogs" and data.normalize_answer("1,000") == "1000"
     assert data.normalize_answer("3.5") == "3.5"
+
+
+# expected values worked out by hand from GT-Vision-Lab/VQA vqaEval.py (master): punct has no apostrophe,
+# colon, & % $ # * ^; a mark touching a space, or any mark when a digit-comma-digit is present, is deleted,
+# otherwise it becomes a space; periodStrip deletes a period not followed by a digit; then lower case,
+# manualMap (number words), articles dropped, the contractions map per word.
+@pytest.mark.parametrize("raw, expected", [
+    ("dont", "don't"), ("Dont.", "don't"), ("don't know", "don't know"), ("it's", "it's"),
+    ("isn't it?", "isn't it"),               # '?' touches no space: replaced by a space, then split away
+    ("50%", "50%"), ("black & white", "black & white"), ("black and white", "black and white"),
+    ("black/white", "black white"), ("red,white", "red white"), ("t-shirt", "t shirt"),
+    ("hot-dog, mustard", "hot dog mustard"),  # ', ' touches a space: deleted; '-' does not: a space
+    ("1,000", "1000"), ("1, 2", "1 2"), ("1,000-2,000", "10002000"),  # digit,digit: every mark deleted
+    ("yes.", "yes"), ("3.5", "3.5"), ("2.", "2"), ("Mr.Smith", "mrsmith"), ("yes\n", "yes"),
+    ("two", "2"), ("Ten", "10"), ("none", "0"), ("eleven", "eleven"),
+    ("a dog", "dog"), ("The", ""), ("an apple on the table", "apple on table"),
+    ("Im", "im"),  # the evaluator's capitalised keys ("Im", "Ive") never match after lower-casing
+    ("." * 40, "." * 8),  # its re.UNICODE (= 32) lands in periodStrip.sub's count: at most 32 periods go
+])
+def test_normalize_answer_follows_the_official_evaluator(raw, expected):
+    assert normalize_answer(raw) == expected
 
 
 # ----------------------------------------------------------------------------- video

@@ -6,16 +6,30 @@ each DyHead block applies three attentions in turn (DyHead eq. 2–5):
 
     W(F) = π_C( π_S( π_L(F) · F ) · F ) · F
 
-  scale-aware   π_L(F)·F = σ( f( 1/(SC) Σ_{S,C} F ) ) · F                        σ = hard sigmoid
+  scale-aware   π_L(F)·F = σ( f( 1/(SC) Σ_{S,C} F ) ) · F                        σ = hard sigmoid (below)
   spatial-aware π_S(F)·F = 1/L Σ_l Σ_k w_{l,k} · F(l; p_k + Δp_k; c) · Δm_k      K = 9 sampling points
   task-aware    π_C(F)·F = max( α¹(F)·F_c + β¹(F), α²(F)·F_c + β²(F) )            dynamic ReLU
 
 As in the official code (microsoft/DynamicHead, dyhead/dyhead.py `DyConv`): for level l the 3×3
-modulated deformable convolution (offsets Δp and masks Δm from one zero-initialised 3×3 conv with
-27 = 2·9 + 9 outputs, computed on level l) is applied to level l and to its neighbours l−1 (finer) and
-l+1 (coarser); each result is weighted by the scale attention (GAP → 1×1 conv → ReLU → hard sigmoid)
-and the weighted results are averaged; dynamic ReLU follows. So the scale attention is computed on the
-spatially aggregated maps, the order of the official code.
+modulated deformable convolution (offsets Δp and masks Δm from one 3×3 conv with 27 = 2·9 + 9 outputs,
+computed on level l) is applied to level l and to its neighbours l−1 (finer) and l+1 (coarser); each
+result is weighted by the scale attention (GAP → 1×1 conv → ReLU → hard sigmoid) and the weighted
+results are averaged; dynamic ReLU follows. So the scale attention is computed on the spatially
+aggregated maps, the order of the official code.
+
+Hard sigmoid: the DyHead paper writes σ(x) = max(0, min(1, (x + 1)/2)); the official code's h_sigmoid
+(dyhead/dyrelu.py) is ReLU6(x + 3)/6 = max(0, min(1, (x + 3)/6)). **This code uses the official form**
+(`hard_sigmoid`), in the scale attention and in the dynamic ReLU's hyper-network.
+
+Initialisation, and where it departs from the official code: the official `DyConv.init_weights` draws
+N(0, 0.01²) only for modules that are `nn.Conv2d`, so its ModulatedDeformConv layers (not Conv2d) keep
+their own reset_parameters (uniform ±1/√(9·C_in), bias 0), and its 27-channel offset conv (outside the
+loop) keeps PyTorch's default Conv2d init, i.e. random offsets and masks at the start. Here the
+deformable-conv weights are drawn from N(0, 0.01²) (bias 0): GroupNorm follows each of them, so only
+the direction of the weights matters at init, not their scale. The offset conv is zero-initialised, as
+DCNv2's own ModulatedDeformConvPack does (`init_offset`): Δp = 0 and Δm = sigmoid(0) = ½, so every
+block starts as plain 3×3 convs on a regular grid (a tested, known starting point) and learns its
+offsets from there. The scale-attention 1×1 conv is N(0, 0.01²), bias 0, as the official code.
 
 Neighbour alignment (the known defect, microsoft/DynamicHead#25, also in GLIP's vldyhead.py): the
 official code runs the coarser level l+1 (half the size) through the deformable conv with level l's
@@ -31,16 +45,38 @@ in the ATSS paper's anchor-free form — one location per map cell, regressing t
 to the box sides; ATSS chooses the positives (per level the k = 9 locations nearest to the box centre,
 IoU of their square anchor of side `anchor_scale`·stride with the box ≥ mean + std of those IoUs,
 centre inside the box, highest IoU wins). Losses: sigmoid focal loss (α = .25, γ = 2) / #positives,
-GIoU loss × 2 weighted by the centerness target, centerness BCE (ATSS / FCOS).
+GIoU loss × 2 weighted by the centerness target, centerness BCE (ATSS / FCOS). COCO crowd boxes are
+removed from the targets, and under torch.distributed the normalisers are averaged over the processes
+(see `Detector.loss`).
 
-Classification is **text-aligned** (GLIP-style, what Florence needs for zero-shot transfer): a region
-feature r at each location is projected to the joint space and compared with class-name embeddings v_k
-from the pretrained text tower (the prompt "a photo of a {name}.", encoded in every forward so the tower
-can be fine-tuned with the detector as GLIP does, or kept frozen):
+Departures from the official ATSS heads (sfzhang15/ATSS atss_core/modeling/rpn/atss/atss.py and
+inference.py; microsoft/DynamicHead extra/atss.py, the DyHead + ATSS head), documented rather than
+changed because the measured results were obtained with this code:
+  * Output convs are 3×3 (class / joint-space embedding, box distances, centerness), as sfzhang15/ATSS's
+    ATSSHead; the DyHead repository's ATSSHead, which sits directly on the DyHead output (no tower
+    convs), uses 1×1 output convs.
+  * Box regression: distances exp(s_l · x)·stride from the location (FCOS-style, one per location);
+    the DyHead ATSS head regresses Box2BoxTransform deltas against its anchors.
+  * Inference score: here s = √(σ(cls)·σ(ctr)) is computed first and thresholded (s > 0.05); the
+    official code thresholds σ(cls) > 0.05 first and multiplies by σ(ctr) after (sfzhang15 then reports
+    √ of the product, DyHead's extra/atss.py the product itself). The candidate sets differ: here a
+    low-cls, high-ctr location can pass (σ(cls) = .003, σ(ctr) = 1), there it cannot.
+  * Pre-NMS top-k (1000) is taken over all levels together here; the official code keeps the top 1000
+    per level, then runs class-wise NMS on the union. Both keep at most 100 detections after NMS.
+
+Classification is **text-aligned** by a CLIP/ViLD-style region–prompt dot product (what Florence needs
+for zero-shot transfer): a region feature r at each location is projected to the joint space and
+compared with ONE pooled embedding v_k per class prompt from the pretrained text tower (the prompt
+"a photo of a {name}.", encoded in every forward so the tower can be fine-tuned with the detector, or
+kept frozen), as CLIP's zero-shot classifier scores an image and ViLD's text-embedding head scores a
+region:
 
     logit_{i,k} = τ · ⟨ r_i/‖r_i‖, v_k ⟩ + b        (learnable τ = exp(log_scale) ≤ 100, shared bias b)
 
-so any class named in words can be scored. `num_classes > 0` instead gives one fixed logit per class.
+so any class named in words can be scored. This is not GLIP's word–region alignment, which scores each
+region against every word token of the prompt (and fuses image and text inside the head): here a class
+is one vector, and image and text meet only in this dot product. `num_classes > 0` instead gives one
+fixed logit per class.
 
 Also here: box ops (IoU, GIoU, xyxy↔xywh), `batched_nms` (torchvision's rule: suppress a box when its
 IoU with a kept, higher-scored box of its class is strictly above the threshold) and `coco_map` with
@@ -56,6 +92,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
@@ -263,7 +300,9 @@ class DeformConvNorm(nn.Module):
     def __init__(self, in_ch: int, out_ch: int, stride: int, groups: int):
         super().__init__()
         self.stride = stride
-        self.weight = nn.Parameter(torch.empty(out_ch, in_ch, 3, 3).normal_(0, 0.01))  # official init
+        # N(0, 0.01²), what the official init_weights intends; its ModulatedDeformConv keeps its own uniform
+        # init (the loop only reaches nn.Conv2d). GroupNorm follows, so only the direction matters at init.
+        self.weight = nn.Parameter(torch.empty(out_ch, in_ch, 3, 3).normal_(0, 0.01))
         self.bias = nn.Parameter(torch.zeros(out_ch))
         self.norm = nn.GroupNorm(math.gcd(groups, out_ch), out_ch)
 
@@ -307,7 +346,9 @@ class FeaturePyramid(nn.Module):
 
 
 def hard_sigmoid(x: torch.Tensor) -> torch.Tensor:
-    """σ(x) = max(0, min(1, (x + 3) / 6)), the official h_sigmoid (ReLU6(x + 3) / 6)."""
+    """σ(x) = ReLU6(x + 3) / 6 = max(0, min(1, (x + 3) / 6)): the official h_sigmoid (dyhead/dyrelu.py),
+    used here. The DyHead paper writes max(0, min(1, (x + 1) / 2)) (slope ½ around −1..1 instead of ⅙
+    around −3..3); both are 0.5 at x = 0."""
     return F.relu6(x + 3) / 6
 
 
@@ -358,7 +399,9 @@ class DyHeadBlock(nn.Module):
     def __init__(self, channels: int, gn_groups: int = 16, dyrelu_reduction: int = 4):
         super().__init__()
         self.offset = nn.Conv2d(channels, 27, 3, padding=1)  # 2·9 offsets (Δy, Δx) + 9 mask logits
-        nn.init.zeros_(self.offset.weight)  # Δp = 0 and Δm = ½ at init: a plain (halved) 3×3 conv
+        # zero init (DCNv2's ModulatedDeformConvPack.init_offset; the official DyConv leaves this conv at
+        # PyTorch's default, random offsets): Δp = 0 and Δm = ½ at init, a plain (halved) 3×3 conv
+        nn.init.zeros_(self.offset.weight)
         nn.init.zeros_(self.offset.bias)
         self.conv_same = DeformConvNorm(channels, channels, 1, gn_groups)
         self.conv_finer = DeformConvNorm(channels, channels, 2, gn_groups)  # level l−1 (twice the size)
@@ -437,6 +480,21 @@ class Scale(nn.Module):
 
     def forward(self, x):
         return x * self.scale
+
+
+def mean_over_processes(x: torch.Tensor) -> torch.Tensor:
+    """x averaged over the processes of the default torch.distributed group (all_reduce SUM / world size,
+    the ATSS reference's `reduce_sum(...) / num_gpus`), or x itself when torch.distributed is not
+    initialised or has one process. Detached: it computes loss normalisers, which carry no gradient."""
+    x = x.detach()
+    if not (dist.is_available() and dist.is_initialized()):
+        return x
+    world = dist.get_world_size()
+    if world == 1:
+        return x
+    x = x.clone()
+    dist.all_reduce(x, op=dist.ReduceOp.SUM)
+    return x / world
 
 
 def sigmoid_focal_loss(logits: torch.Tensor, targets: torch.Tensor, alpha: float = 0.25, gamma: float = 2.0):
@@ -588,14 +646,35 @@ class Detector(nn.Module):
         return torch.where(best >= 0, arg, torch.full_like(arg, -1))
 
     def loss(self, out: dict, targets: list[dict], image_size) -> tuple[torch.Tensor, dict]:
-        """targets: per image {"boxes": (G, 4) xyxy pixels, "labels": (G,) indices into the K classes}."""
+        """ATSS's three losses for a batch → (loss, logs).
+
+        targets: per image {"boxes": (G, 4) xyxy pixels, "labels": (G,) indices into the K classes,
+        optional "iscrowd": (G,)}.
+
+        Crowd boxes (iscrowd = 1, COCO's one box around a group of objects) are removed from the targets
+        before assignment, as the ATSS reference does when it loads COCO (sfzhang15/ATSS,
+        atss_core/data/datasets/coco.py keeps only `iscrowd == 0`): a crowd box yields no positive, and
+        the locations it covers are plain background like any other location. (The alternative, ignoring
+        the locations a crowd box covers, is not done: the reference does not do it either.)
+
+        Normalisers (as sfzhang15/ATSS atss_core/modeling/rpn/atss/loss.py and microsoft/DynamicHead
+        extra/atss.py): the focal and centerness losses are divided by N̄_pos = max(mean over processes of
+        the number of positives, 1), the GIoU loss by the mean over processes of Σ centerness targets.
+        Under torch.distributed these are all-reduced (one SUM all_reduce / world size, no gradient), so
+        a rank with few positives is not over-weighted; DDP's gradient average then makes the update that
+        of one process on the global batch. Every rank runs the all-reduce, with or without positives.
+        """
         cls, ltrb, ctr = out["cls"], out["ltrb"], out["ctr"]
         B, N, K = cls.shape
         points, strides = self.points(out["sizes"], cls.device)
         cls_t = torch.zeros_like(cls)
         pos_b, pos_n, pos_box = [], [], []
         for b, t in enumerate(targets):
-            boxes, labels = t["boxes"].to(cls.device, torch.float32), t["labels"].to(cls.device)
+            boxes = t["boxes"].to(cls.device, torch.float32).reshape(-1, 4)
+            labels = t["labels"].to(cls.device).reshape(-1)
+            if t.get("iscrowd") is not None:  # crowd boxes leave the targets before assignment
+                keep = t["iscrowd"].to(cls.device).reshape(-1) == 0
+                boxes, labels = boxes[keep], labels[keep]
             a = self.assign(points, strides, out["sizes"], boxes)
             pos = (a >= 0).nonzero().squeeze(1)
             cls_t[b, pos, labels[a[pos]]] = 1.0
@@ -603,16 +682,19 @@ class Detector(nn.Module):
             pos_n.append(pos)
             pos_box.append(boxes[a[pos]])
         pos_b, pos_n, pos_box = torch.cat(pos_b), torch.cat(pos_n), torch.cat(pos_box)
-        num_pos = max(len(pos_n), 1)
+        p = points[pos_n]  # (P, 2)
+        sides = torch.cat([p - pos_box[:, :2], pos_box[:, 2:] - p], 1)  # l, t, r, b > 0
+        lr, tb = sides[:, [0, 2]], sides[:, [1, 3]]
+        # FCOS/ATSS centerness target √( min(l,r)/max(l,r) · min(t,b)/max(t,b) ): 1 at the box centre
+        ctr_t = torch.sqrt((lr.min(1).values / lr.max(1).values) * (tb.min(1).values / tb.max(1).values))
+        local = torch.stack([torch.tensor(float(len(pos_n)), device=cls.device), ctr_t.sum().float()])
+        mean_pos, mean_ctr = mean_over_processes(local).unbind()  # N̄_pos and the mean Σ centerness
+        num_pos = mean_pos.clamp(min=1.0)
         loss_cls = sigmoid_focal_loss(cls.float(), cls_t.float(), self.cfg.focal_alpha, self.cfg.focal_gamma) / num_pos
         if len(pos_n) > 0:
-            p = points[pos_n]  # (P, 2)
             d = ltrb[pos_b, pos_n].float()  # (P, 4)
             pred = torch.cat([p - d[:, :2], p + d[:, 2:]], 1)
-            sides = torch.cat([p - pos_box[:, :2], pos_box[:, 2:] - p], 1)  # l, t, r, b > 0
-            lr, tb = sides[:, [0, 2]], sides[:, [1, 3]]
-            ctr_t = torch.sqrt((lr.min(1).values / lr.max(1).values) * (tb.min(1).values / tb.max(1).values))
-            loss_box = (giou_loss(pred, pos_box) * ctr_t).sum() / ctr_t.sum().clamp(min=1e-6)
+            loss_box = (giou_loss(pred, pos_box) * ctr_t).sum() / mean_ctr.clamp(min=1e-6)
             loss_ctr = F.binary_cross_entropy_with_logits(ctr[pos_b, pos_n].float(), ctr_t, reduction="sum") / num_pos
         else:  # keep the graph connected (DDP) with zero-valued terms
             loss_box = ltrb.sum() * 0.0
@@ -625,7 +707,9 @@ class Detector(nn.Module):
     # -- inference -------------------------------------------------------------------------------------
     def postprocess(self, out: dict, image_size) -> list[dict]:
         """→ per image {"boxes": (n, 4) xyxy clipped, "scores": (n,), "labels": (n,)}, n ≤ max_det;
-        score = sqrt(sigmoid(cls) · sigmoid(ctr)), threshold, top-k, class-wise NMS."""
+        score = sqrt(sigmoid(cls) · sigmoid(ctr)), thresholded (> score_thresh) after the product, the top
+        pre_nms_topk over all levels together, class-wise NMS, the first max_det (the official order —
+        threshold σ(cls), then top-k per level — is described in the module docstring)."""
         H, W = image_size
         points, _ = self.points(out["sizes"], out["cls"].device)
         scores_all = torch.sqrt(out["cls"].float().sigmoid() * out["ctr"].float().sigmoid()[..., None])  # (B, N, K)
@@ -798,4 +882,4 @@ def coco_map(predictions, ground_truth, max_dets: int = 100) -> dict[str, float]
 __all__ = ["DetectorConfig", "PRESETS", "build_config", "box_xywh_to_xyxy", "box_xyxy_to_xywh", "box_area", "box_iou",
            "generalized_box_iou", "giou_loss", "clean_boxes", "nms", "batched_nms", "modulated_deform_conv2d",
            "DeformConvNorm", "FeaturePyramid", "hard_sigmoid", "ScaleAttention", "DynamicReLU", "DyHeadBlock",
-           "DynamicHead", "TextTower", "Detector", "sigmoid_focal_loss", "coco_map"]
+           "DynamicHead", "TextTower", "Detector", "mean_over_processes", "sigmoid_focal_loss", "coco_map"]

@@ -17,13 +17,15 @@ methods are called (`forward_features`, `forward_tokens`).
     h = [h_text; h_image]  (2·hidden; METER: 1536 at hidden 768)
 
 Heads and objectives (METER §3 / its `objectives.py`):
-  ITM  h → Linear → 2 logits; half the batch gets another row's image (a negative unless that row has the
-       same caption), cross-entropy.
+  ITM  h → Linear → 2 logits; half the batch (at least 2 rows, `itm_pairs`) gets another row's image (a
+       negative unless that row has the same caption), cross-entropy.
   MLM  15 % of the real text tokens (not <sot>, <eot>, <pad>) are chosen; of those 80 % become <mask>, 10 %
        a random token, 10 % stay; text states → Linear, GELU, LN, Linear → vocabulary; cross-entropy on
        the chosen positions only.
   VQA  h → Linear(2H, 2H), LN, GELU, Linear(2H, A) → logits z; soft targets s ∈ {0, .3, .6, .9, 1}
-       (`vqa_score`: an answer given by k of 10 annotators scores min(1, k/3) rounded);
+       (`vqa_score`: an answer given by k of 10 annotators scores the mean of min(1, k′/3) over the ten
+       leave-one-annotator-out subsets of 9, k′ its count in the subset — the official VQA accuracy;
+       exactly 0, .3, .6, .9, 1 for k = 0, 1, 2, 3, ≥ 4);
        L = (1/B) Σ_b Σ_a BCE(σ(z_ba), s_ba); metric = mean_b s_{b, argmax_a z_ba}.
 Paper size: 6 layers per modality, hidden 768, 12 heads, FFN 3072 (PRESETS["florence"]); the CPU toy
 preset is 2 layers × 128.
@@ -378,7 +380,9 @@ def mask_tokens(tokens: torch.Tensor, vocab_size: int, mask_id: int, special_ids
 
 
 def itm_pairs(texts: list[str], generator: torch.Generator | None = None):
-    """Half the rows (⌊B/2⌋, random) get the image of another chosen row (a random cyclic shift of them).
+    """max(2, ⌊B/2⌋) random rows (for B ≥ 2; none for B = 1) get the image of another chosen row: the
+    chosen rows' images are cyclically shifted by one among them, so every chosen row gets another row's
+    image. At least 2 because one row alone cannot swap (B = 2 or 3 swaps 2 rows).
 
     → (image_index (B,) long: row b is paired with image image_index[b]; label (B,) long: 1 = match).
     A swapped pair whose two captions are equal is a match (label 1): only the caption decides."""
@@ -425,10 +429,15 @@ def mlm_loss(mlm_logits: torch.Tensor, labels: torch.Tensor, text_states: torch.
 
 
 def vqa_score(count: int) -> float:
-    """Soft score of an answer given by `count` of 10 annotators: 0, .3, .6, .9, 1 for 0, 1, 2, 3, ≥4.
+    """Soft score of an answer given by `count` = k of 10 annotators: 0, .3, .6, .9, 1 for k = 0, 1, 2, 3, ≥ 4.
 
     The table used by METER and ViLT (dandelin/ViLT, vilt/utils/write_vqa.py `get_score`, from
-    hengyuan-hu/bottom-up-attention-vqa, tools/compute_softscore.py) — a rounded min(1, k/3).
+    hengyuan-hu/bottom-up-attention-vqa, tools/compute_softscore.py). It is the official VQA evaluator's
+    accuracy: the mean over the ten leave-one-annotator-out subsets of 9 answers of min(1, k′/3), k′ the
+    answer's count in the subset. Leaving out one of the k who gave it (k of the ten subsets) leaves
+    k′ = k − 1, leaving out another annotator (10 − k subsets) leaves k′ = k, so the score is
+    [k·min(1, (k−1)/3) + (10−k)·min(1, k/3)] / 10 = 0, 3/10, 6/10, 9/10, 1 exactly — not min(1, k/3)
+    (which would give 1/3, 2/3), and no rounding is involved.
     """
     return (0.0, 0.3, 0.6, 0.9)[count] if count < 4 else 1.0
 

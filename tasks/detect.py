@@ -5,8 +5,9 @@
     python train.py --task detect --init_from runs/pretrain-toy/ckpt.pt --zero_shot_classes "red cross,blue circle"
 
 The pretrained CoSwin → FeaturePyramid → DynamicHead → ATSS head (dynamic_head.py), with classes that are
-text-aligned: region features · class-name embeddings of the pretrained text tower, fine-tuned with the
-detector as in GLIP, so a class named in words can be detected zero-shot. Each class is the prompt
+text-aligned: each region's feature is dotted with one pooled embedding of the class's prompt from the
+pretrained text tower (CLIP/ViLD-style; GLIP instead scores regions against word tokens), the tower
+fine-tuned with the detector, so a class named in words can be detected zero-shot. Each class is the prompt
 "a photo of a {name}." (PROMPT). Trained on ShapesDetection or COCO JSON.
 """
 from __future__ import annotations

@@ -18,6 +18,7 @@ the adapters start from it.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -251,7 +252,8 @@ class PretrainTask(Task):
 def sample_text(ds, i: int) -> str | None:
     """The text of sample i without decoding its image where the dataset can (synthetic scenes, files)."""
     if isinstance(ds, Stage2Data):
-        return sample_text(ds.ds, ds.keep[i])
+        j = ds.source(i)
+        return None if j is None else sample_text(ds.ds, j)
     if hasattr(ds, "scene"):
         return ds.scene(i)["text"]
     if hasattr(ds, "caption"):
@@ -261,18 +263,38 @@ def sample_text(ds, i: int) -> str | None:
 
 
 class Stage2Data(torch.utils.data.Dataset):
-    """A map-style training set without the texts stage 1 would wrap in templates (unicl.keep_in_stage2):
-    dropping them here, not in the batch, keeps every batch full (and every rank's batch the same size)."""
+    """A map-style training set without the texts stage 1 would wrap in templates (unicl.keep_in_stage2).
+    Dropping them here, not in the batch, keeps every batch full (and every rank's batch the same size):
+    the slot of a short text is given to another sample drawn by a hash of (slot, attempt), so each natural
+    caption is equally likely to fill it, the same in every run and after a resume, with no pass over the
+    data first."""
 
-    def __init__(self, ds, keep: list[int]):
-        self.ds, self.keep = ds, keep
+    ATTEMPTS = 64
+
+    def __init__(self, ds):
+        self.ds = ds
         self.classes = getattr(ds, "classes", None)
 
     def __len__(self):
-        return len(self.keep)
+        return len(self.ds)
+
+    def source(self, i: int) -> int | None:
+        """The index whose sample fills slot i (None: no natural caption found in ATTEMPTS draws)."""
+        n = len(self.ds)
+        for attempt in range(self.ATTEMPTS):
+            j = i if attempt == 0 else int.from_bytes(
+                hashlib.blake2b(f"{i}:{attempt}".encode(), digest_size=8).digest(), "big") % n
+            t = sample_text(self.ds, j)
+            if t is None or unicl.keep_in_stage2(t):  # None: an unreadable sample, counted as such later
+                return j
+        return None
 
     def __getitem__(self, i):
-        return self.ds[self.keep[i]]
+        j = self.source(i)
+        if j is None:
+            self.last_skip = ("empty", f"stage 2 found no natural caption for slot {i} in {self.ATTEMPTS} draws")
+            return None
+        return self.ds[j]
 
 
 class Stage2Stream(torch.utils.data.IterableDataset):
@@ -293,18 +315,18 @@ class Stage2Stream(torch.utils.data.IterableDataset):
 
 
 def stage2_data(ds, spec: str, d):
+    """The stage-2 view of the training data; a first look at up to 200 texts says what share it drops."""
     if isinstance(ds, IterableDataset):
         return Stage2Stream(ds)
-    t0 = time.time()
-    texts = [sample_text(ds, i) for i in range(len(ds))]
-    keep = [i for i, t in enumerate(texts) if t is None or unicl.keep_in_stage2(t)]  # None: counted later, as bad
-    if not keep:
-        raise SystemExit(f"train.py: --stage 2 drops every text of --data {spec!r} (each has one or two words, the "
-                         "texts stage 1 wraps in templates); stage 2 needs natural captions")
-    if d is not None and d.main:
-        tqdm.write(f"stage 2: {len(ds) - len(keep)} of {len(ds)} texts dropped as short (one or two words) "
-                   f"in {time.time() - t0:.1f}s")
-    return Stage2Data(ds, keep)
+    look = [sample_text(ds, i) for i in range(min(len(ds), 200))]
+    short = sum(t is not None and not unicl.keep_in_stage2(t) for t in look)
+    if look and short == len(look):
+        raise SystemExit(f"train.py: --stage 2 drops every text of --data {spec!r} (each of the first {len(look)} has "
+                         "one or two words, the texts stage 1 wraps in templates); stage 2 needs natural captions")
+    if d is not None and d.main and short:
+        tqdm.write(f"stage 2: short texts (one or two words; {short} of the first {len(look)}) are dropped, their "
+                   "slots filled by other samples' natural captions")
+    return Stage2Data(ds)
 
 
 # ----------------------------------------------------------------------------------------------------

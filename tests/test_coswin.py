@@ -447,3 +447,70 @@ def test_init_schemes_follow_their_definitions():
         assert abs(lin.weight.std().item() * math.sqrt(3 * lin.in_features) - 1) < 0.1
     with pytest.raises(ValueError, match="init must be"):
         coswin.build("toy", init="xavier")
+
+
+# ---------------------------------------------------------------------------------------------------
+# stochastic depth and the bias-table resize, against independent computations
+
+
+def test_drop_path_drops_whole_samples_at_rate_p_and_rescales_the_kept():
+    """Training: each sample's branch is zeroed with probability p, the kept ones scaled by 1/(1−p), so
+    the expectation is unchanged. A fixed-seed statistic over 20,000 samples lies within 4σ of p
+    (σ = √(p(1−p)/n) ≈ 0.003). Eval mode and p = 0: the identity."""
+    p, n = 0.25, 20_000
+    dp = coswin.DropPath(p).train()
+    x = torch.rand(n, 3, 4) + 0.5
+    torch.manual_seed(0)
+    y = dp(x)
+    ratio = y / x  # (n, 3, 4): 0 or 1/(1−p), the same for every element of a sample
+    per_sample = ratio.reshape(n, -1)
+    torch.testing.assert_close(per_sample.min(1).values, per_sample.max(1).values)  # whole samples
+    kept = per_sample[:, 0] > 0
+    torch.testing.assert_close(per_sample[kept, 0], torch.full((int(kept.sum()),), 1 / (1 - p)))
+    dropped = 1 - float(kept.float().mean())
+    assert abs(dropped - p) < 4 * math.sqrt(p * (1 - p) / n)
+    assert abs(float(y.mean() / x.mean()) - 1) < 0.02  # unbiased
+    assert torch.equal(dp.eval()(x), x)
+    assert torch.equal(coswin.DropPath(0.0).train()(x), x)
+
+
+def _keys_bicubic_1d_weights(src: float, size: int):
+    """Indices and weights of PyTorch's bicubic at source coordinate `src` (Keys' cubic convolution,
+    A = −0.75; taps floor(src) − 1 … floor(src) + 2, clamped to the border)."""
+    A = -0.75
+    i0 = math.floor(src)
+    t = src - i0
+    w = []
+    for k in range(-1, 3):
+        d = abs(t - k)
+        w.append(((A + 2) * d - (A + 3)) * d * d + 1 if d <= 1 else ((A * d - 5 * A) * d + 8 * A) * d - 4 * A)
+    return [min(max(i0 + k, 0), size - 1) for k in range(-1, 3)], w
+
+
+def _bicubic_reference(grid, new):
+    """(S, S) → (new, new) with align_corners=False: output pixel o reads source (o + ½)·S/new − ½, loops."""
+    S = len(grid)
+    out = [[0.0] * new for _ in range(new)]
+    for oy in range(new):
+        iy, wy = _keys_bicubic_1d_weights((oy + 0.5) * S / new - 0.5, S)
+        for ox in range(new):
+            ix, wx = _keys_bicubic_1d_weights((ox + 0.5) * S / new - 0.5, S)
+            out[oy][ox] = sum(wy[a] * wx[b] * grid[iy[a]][ix[b]] for a in range(4) for b in range(4))
+    return out
+
+
+@pytest.mark.parametrize("old,new", [(7, 12), (7, 6), (4, 7)])
+def test_resize_bias_table_is_bicubic_per_head_as_the_official_swin_loader(old, new):
+    """The (2M−1)×(2M−1) grid of each head is resized bicubically (align_corners=False), as
+    microsoft/Swin-Transformer utils.py `load_pretrained` does for 224 → 384; checked against a loop
+    transcription of Keys' cubic convolution, and against that loader's own tensor recipe."""
+    heads, S, S2 = 3, 2 * old - 1, 2 * new - 1
+    table = torch.randn(S * S, heads, dtype=torch.float64)
+    got = coswin.resize_bias_table(table, new)
+    assert got.shape == (S2 * S2, heads)
+    for h in range(heads):
+        grid = table[:, h].reshape(S, S).tolist()  # row (a) = Δy, column (b) = Δx
+        want = torch.tensor(_bicubic_reference(grid, S2), dtype=torch.float64)
+        torch.testing.assert_close(got[:, h].reshape(S2, S2), want, atol=1e-5, rtol=1e-5)  # float32 inside
+    official = F.interpolate(table.permute(1, 0).reshape(1, heads, S, S), size=(S2, S2), mode="bicubic")
+    torch.testing.assert_close(got, official.reshape(heads, S2 * S2).permute(1, 0), atol=1e-5, rtol=1e-5)

@@ -158,3 +158,18 @@ def test_build_dataset_specs():
         build_dataset("hdf5:x")
     with pytest.raises(ValueError, match="names no path"):
         build_dataset("csv:")
+
+
+def test_resize_truncates_the_longer_side_as_torchvision():
+    """torchvision's _compute_resized_output_size: long' = int(size · long / short), truncated. 640×427 →
+    224 · 640 / 427 = 335.7 → 335 (rounding would give 336). Square images are untouched by the rule:
+    size · w / w is exactly size, truncated or rounded."""
+    assert resize(Image.new("RGB", (640, 427)), 224).size == (335, 224)
+    assert resize(Image.new("RGB", (427, 640)), 224).size == (224, 335)
+    for w, h, size in ((500, 333, 100), (333, 500, 100), (1000, 999, 7), (3, 200, 2)):
+        short, long = min(w, h), max(w, h)
+        want_long = int(size * long / short)
+        assert resize(Image.new("RGB", (w, h)), size).size == ((want_long, size) if w > h else (size, want_long))
+    for side in (1, 7, 32, 64, 96, 224, 427):
+        for size in (1, 16, 64, 224, 384):
+            assert resize(Image.new("RGB", (side, side)), size).size == (size, size)

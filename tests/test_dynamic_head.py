@@ -1,7 +1,9 @@
 """dynamic_head.py: the deformable conv against a plain-loop transcription of torchvision's CPU kernel and
 against conv2d; NMS against a naive greedy loop (ties, IoU exactly at the threshold); COCO mAP on hand-built
 cases with known answers; each attention does what its name says; the neighbour-alignment fix; ATSS;
-bad boxes; the whole adapter overfits one image; --task detect end to end."""
+bad boxes; the FPN, the scale attention and the three loss terms (centerness target included) against
+hand computations; crowd boxes give no positives; the loss normalisers are means over processes (a
+stand-in for the all-reduce, and two gloo processes); the whole adapter overfits one image."""
 import math
 
 import pytest
@@ -276,6 +278,9 @@ def test_map_area_ranges_classes_without_ground_truth_and_dict_input():
 def test_hard_sigmoid_and_scale_attention_stay_in_range():
     x = torch.tensor([-10.0, -3, 0, 3, 10])
     assert dh.hard_sigmoid(x).tolist() == [0.0, 0.0, 0.5, 1.0, 1.0]
+    # the official ReLU6(x + 3)/6, not the paper's max(0, min(1, (x + 1)/2)): they differ inside (−3, 3)
+    torch.testing.assert_close(dh.hard_sigmoid(torch.tensor([-2.0, -1, 1, 2])),
+                               torch.tensor([1 / 6, 2 / 6, 4 / 6, 5 / 6]))
     attn = dh.ScaleAttention(8)
     nn.init.normal_(attn.fc.weight, std=5.0)
     w = attn(torch.randn(16, 8, 5, 5) * 10)
@@ -406,7 +411,7 @@ def test_loss_is_finite_with_an_image_without_boxes_and_the_classifier_is_text_a
     loss, logs = model.loss(out, targets, (64, 64))
     assert torch.isfinite(loss) and logs["num_pos"] > 0
     loss.backward()
-    assert model.text.text_proj.weight.grad.abs().sum() > 0  # the text tower is fine-tuned (GLIP-style)
+    assert model.text.text_proj.weight.grad.abs().sum() > 0  # the text tower is fine-tuned with the detector
     empty, _ = model.loss(model(x), [targets[0], targets[0]], (64, 64))
     assert torch.isfinite(empty)
     # logits are τ·cos(region, name) + b: reordering the names reorders the columns, any name can be scored
@@ -442,3 +447,239 @@ def test_the_adapter_overfits_one_image():
     pred = model.predict(x)
     ap = dh.coco_map(pred, [{"boxes": boxes, "labels": labels}])
     assert ap["AP50"] == pytest.approx(1.0) and ap["AP"] > 0.8, ap
+
+
+# ----------------------------------------------------------------------------------------------------
+# Each mechanism against an independent computation
+
+
+def test_pyramid_equals_a_hand_computed_top_down_sum():
+    """FPN: lateral 1×1 convs, then coarse → fine each lateral map plus the nearest-upsampled (pixel
+    repeat) sum from above, then 3×3 output convs, then a stride-2 conv for the extra level — written
+    here with einsum and repeat_interleave, so the comparison does not reuse the module's code."""
+    torch.manual_seed(0)
+    fpn = dh.FeaturePyramid([8, 16, 32], 12, num_extra=1)
+    maps = [torch.randn(2, 8, 8, 8), torch.randn(2, 16, 4, 4), torch.randn(2, 32, 2, 2)]
+
+    def lateral(conv, m):
+        return torch.einsum("oc,bchw->bohw", conv.weight[:, :, 0, 0], m) + conv.bias.view(1, -1, 1, 1)
+
+    def up2(t):  # nearest, ×2: every pixel repeated into a 2×2 block
+        return t.repeat_interleave(2, dim=-2).repeat_interleave(2, dim=-1)
+
+    with torch.no_grad():
+        lat = [lateral(c, m) for c, m in zip(fpn.lateral, maps)]
+        top = [None, None, lat[2]]
+        top[1] = lat[1] + up2(top[2])
+        top[0] = lat[0] + up2(top[1])
+        want = [F.conv2d(t, c.weight, c.bias, padding=1) for t, c in zip(top, fpn.output)]
+        want.append(F.conv2d(want[-1], fpn.extra[0].weight, fpn.extra[0].bias, stride=2, padding=1))
+        got = fpn(maps)
+    assert [g.shape[-1] for g in got] == [8, 4, 2, 1]
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
+    # the finest output hears the coarsest input only through the top-down path
+    maps2 = [maps[0], maps[1], maps[2] + 1.0]
+    with torch.no_grad():
+        assert (fpn(maps2)[0] - got[0]).abs().max() > 1e-3
+
+
+def test_scale_attention_weights_each_branch_before_the_mean():
+    """π_L: each spatial branch b is scaled by its own σ(ReLU(w·GAP(b) + c)) before the mean over the
+    branches (the official DyConv: mean(res_fea · h_sigmoid(AttnConv(fea)))). Computed here by hand
+    with σ(x) = clamp((x + 3)/6, 0, 1); a plain mean of the branches gives another output."""
+    torch.manual_seed(0)
+    blk = dh.DyHeadBlock(16)
+    with torch.no_grad():
+        nn.init.normal_(blk.scale_attn.fc.weight, std=2.0)
+        blk.scale_attn.fc.bias.fill_(0.5)
+        nn.init.normal_(blk.task_attn.fc2.weight, std=0.3)  # a dynamic ReLU that is not plain ReLU
+        nn.init.normal_(blk.offset.weight, std=0.05)  # offsets ≠ 0
+        for conv in (blk.conv_same, blk.conv_finer, blk.conv_coarser):  # GroupNorm output has zero mean per
+            nn.init.normal_(conv.norm.bias, std=1.0)  # group: shifted, the branches' GAPs differ
+    feats = _pyramid()
+    with torch.no_grad():
+        out = blk(feats)
+        spread = []
+        for l in range(len(feats)):
+            branches = blk.spatial(feats, l)
+            w = [((b.mean(dim=(2, 3)) @ blk.scale_attn.fc.weight[:, :, 0, 0].T + blk.scale_attn.fc.bias)
+                  .clamp(min=0).add(3).div(6).clamp(0, 1)).view(-1, 1, 1, 1) for b in branches]
+            fused = sum(wi * b for wi, b in zip(w, branches)) / len(branches)
+            torch.testing.assert_close(out[l], blk.task_attn(fused), atol=1e-5, rtol=1e-5)
+            spread.append(float(torch.cat(w).max() - torch.cat(w).min()))
+    assert max(spread) > 0.05  # the branches really get different weights
+
+
+def _fake_out(B, seed, K=3):
+    """Detector outputs for a 64×64 image on the toy pyramid (strides 4, 8, 16): random logits and
+    positive distances, so the loss can be checked without running the network."""
+    sizes = [(16, 16), (8, 8), (4, 4)]
+    N = sum(h * w for h, w in sizes)
+    g = torch.Generator().manual_seed(seed)
+    return {"cls": torch.randn(B, N, K, generator=g), "ltrb": torch.rand(B, N, 4, generator=g) * 20 + 1,
+            "ctr": torch.randn(B, N, generator=g), "sizes": sizes}
+
+
+def _boxes(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    xy = torch.rand(n, 2, generator=g) * 36 + 2
+    wh = torch.rand(n, 2, generator=g) * 20 + 6
+    return torch.cat([xy, xy + wh], 1), torch.randint(0, 3, (n,), generator=g)
+
+
+def _hand_loss(model, out, targets):
+    """The ATSS loss written out in float64 from the assignment: focal (α = .25, γ = 2) / P, GIoU ·
+    centerness / Σ centerness, BCE(centerness) / P, with the FCOS centerness target
+    √(min(l, r)/max(l, r) · min(t, b)/max(t, b)) computed location by location."""
+    points, strides = model.points(out["sizes"], "cpu")
+    cls, ltrb, ctr = out["cls"].double(), out["ltrb"].double(), out["ctr"].double()
+    focal, giou_w, bce, csum, P = 0.0, 0.0, 0.0, 0.0, 0
+    for b, t in enumerate(targets):
+        a = model.assign(points, strides, out["sizes"], t["boxes"].float())
+        onehot = torch.zeros_like(cls[b])
+        for n in (a >= 0).nonzero().squeeze(1).tolist():
+            onehot[n, int(t["labels"][a[n]])] = 1.0
+            x, y = points[n].tolist()
+            x1, y1, x2, y2 = t["boxes"][a[n]].tolist()
+            l, tp, r, bt = x - x1, y - y1, x2 - x, y2 - y
+            c = math.sqrt(min(l, r) / max(l, r) * min(tp, bt) / max(tp, bt))
+            d = ltrb[b, n].tolist()
+            pred = torch.tensor([[x - d[0], y - d[1], x + d[2], y + d[3]]], dtype=torch.float64)
+            giou_w += (1 - float(dh.generalized_box_iou(pred, t["boxes"][a[n]].double().view(1, 4)))) * c
+            s = 1 / (1 + math.exp(-float(ctr[b, n])))
+            bce += -(c * math.log(s) + (1 - c) * math.log(1 - s))
+            csum += c
+            P += 1
+        p = cls[b].sigmoid()
+        focal += float((-(0.25 * onehot * (1 - p) ** 2 * p.log())
+                        - (0.75 * (1 - onehot) * p ** 2 * (1 - p).log())).sum())
+    return {"loss_cls": focal / max(P, 1), "loss_box": giou_w / csum, "loss_ctr": bce / max(P, 1), "P": P, "S": csum}
+
+
+def test_loss_terms_equal_a_hand_computation_with_the_centerness_target():
+    model = _detector(text=False)
+    out = _fake_out(2, seed=3)
+    targets = []
+    for b in range(2):
+        boxes, labels = _boxes(2 + b, seed=10 + b)
+        targets.append({"boxes": boxes, "labels": labels, "iscrowd": torch.zeros(len(labels), dtype=torch.long)})
+    want = _hand_loss(model, out, targets)
+    loss, logs = model.loss(out, targets, (64, 64))
+    assert want["P"] > 4 and logs["num_pos"] == want["P"] / 2
+    for k in ("loss_cls", "loss_box", "loss_ctr"):
+        assert logs[k] == pytest.approx(want[k], rel=1e-5), k
+    assert float(loss) == pytest.approx(want["loss_cls"] + 2 * want["loss_box"] + want["loss_ctr"], rel=1e-5)
+    # the targets are not constant: positives off a box's centre get less than 1
+    assert want["S"] < want["P"] - 0.5
+
+
+def test_crowd_boxes_are_removed_from_the_targets():
+    """A crowd box gives exactly the loss of no box (no positives; its locations are background), and
+    next to a real box it changes nothing; the same box with iscrowd = 0 is a positive."""
+    model = _detector(text=False)
+    out = _fake_out(1, seed=5)
+    box, other = torch.tensor([[10.0, 12, 40, 44]]), torch.tensor([[44.0, 6, 60, 22]])
+    lab = torch.tensor([1])
+
+    def loss(boxes, labels, crowd):
+        t = [{"boxes": boxes, "labels": labels, "iscrowd": torch.tensor(crowd, dtype=torch.long)}]
+        return model.loss(out, t, (64, 64))
+
+    none, none_logs = loss(torch.zeros(0, 4), torch.zeros(0, dtype=torch.long), [])
+    crowd, crowd_logs = loss(box, lab, [1])
+    real, real_logs = loss(box, lab, [0])
+    assert crowd_logs["num_pos"] == 0 and real_logs["num_pos"] > 0
+    assert float(crowd) == float(none) and crowd_logs == none_logs
+    assert float(real) != pytest.approx(float(crowd))
+    both, _ = loss(torch.cat([other, box]), torch.tensor([2, 1]), [0, 1])
+    alone, _ = loss(other, torch.tensor([2]), [0])
+    assert float(both) == float(alone)
+
+
+def test_loss_normalisers_are_the_means_over_processes(monkeypatch):
+    """Under torch.distributed the loss divides by the mean over processes of the number of positives
+    and of Σ centerness. A stand-in for the all-reduce plays a second rank with other counts: each term
+    is the local sum over the averaged normaliser."""
+    model = _detector(text=False)
+    out = _fake_out(1, seed=7)
+    boxes, labels = _boxes(2, seed=21)
+    targets = [{"boxes": boxes, "labels": labels}]
+    want = _hand_loss(model, out, targets)
+    other = torch.tensor([3.0, 1.25])  # the other rank: 3 positives, Σ centerness 1.25
+    seen = []
+
+    def two_ranks(x):
+        seen.append(x.clone())
+        return (x + other) / 2
+
+    monkeypatch.setattr(dh, "mean_over_processes", two_ranks)
+    _, logs = model.loss(out, targets, (64, 64))
+    assert len(seen) == 1 and seen[0].tolist() == pytest.approx([want["P"], want["S"]], rel=1e-5)
+    p_mean, s_mean = (want["P"] + 3) / 2, (want["S"] + 1.25) / 2
+    assert logs["loss_cls"] == pytest.approx(want["loss_cls"] * want["P"] / p_mean, rel=1e-5)
+    assert logs["loss_ctr"] == pytest.approx(want["loss_ctr"] * want["P"] / p_mean, rel=1e-5)
+    assert logs["loss_box"] == pytest.approx(want["loss_box"] * want["S"] / s_mean, rel=1e-5)
+    # a rank without positives still takes part in the reduction (the others would wait for it)
+    seen.clear()
+    _, logs = model.loss(out, [{"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long)}], (64, 64))
+    assert len(seen) == 1 and seen[0].tolist() == [0.0, 0.0]
+
+
+def test_mean_over_processes_is_the_identity_without_a_process_group():
+    x = torch.tensor([3.0, 2.5], requires_grad=True)
+    y = dh.mean_over_processes(x)
+    assert y.tolist() == [3.0, 2.5] and not y.requires_grad
+
+
+def _gloo_loss_worker(rank, world, init_file, out_dir):
+    import os
+    import sys
+
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    if sys.platform.startswith("linux"):
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # loopback only
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        model = _detector(text=False)
+        out = _fake_out(2, seed=11)
+        mine = {k: (v[rank:rank + 1] if torch.is_tensor(v) else v) for k, v in out.items()}
+        loss, logs = model.loss(mine, [_gloo_targets()[rank]], (64, 64))
+        torch.save({"loss": float(loss), **logs}, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _gloo_targets():
+    """Rank 0: one box; rank 1: three boxes (so the two ranks have different numbers of positives)."""
+    out = []
+    for n, seed in ((1, 30), (3, 31)):
+        boxes, labels = _boxes(n, seed)
+        out.append({"boxes": boxes, "labels": labels, "iscrowd": torch.zeros(n, dtype=torch.long)})
+    return out
+
+
+@pytest.mark.slow  # two spawned processes
+def test_two_gloo_processes_normalise_by_the_average_number_of_positives(tmp_path):
+    """Two ranks with different numbers of positives: each rank's terms are its local sums over the
+    averages (N̄_pos, mean Σ centerness) and the mean of the two ranks' losses is the loss of one
+    process on both images (what DDP's gradient average then optimises)."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_gloo_loss_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    model = _detector(text=False)
+    out, targets = _fake_out(2, seed=11), _gloo_targets()
+    local = [_hand_loss(model, {k: (v[r:r + 1] if torch.is_tensor(v) else v) for k, v in out.items()}, [targets[r]])
+             for r in range(2)]
+    assert local[0]["P"] != local[1]["P"]
+    p_mean, s_mean = (local[0]["P"] + local[1]["P"]) / 2, (local[0]["S"] + local[1]["S"]) / 2
+    for r in range(2):
+        assert ranks[r]["num_pos"] == local[r]["P"]
+        assert ranks[r]["loss_cls"] == pytest.approx(local[r]["loss_cls"] * local[r]["P"] / p_mean, rel=1e-5)
+        assert ranks[r]["loss_ctr"] == pytest.approx(local[r]["loss_ctr"] * local[r]["P"] / p_mean, rel=1e-5)
+        assert ranks[r]["loss_box"] == pytest.approx(local[r]["loss_box"] * local[r]["S"] / s_mean, rel=1e-5)
+    whole, _ = model.loss(out, targets, (64, 64))
+    assert (ranks[0]["loss"] + ranks[1]["loss"]) / 2 == pytest.approx(float(whole), rel=1e-5)

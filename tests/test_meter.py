@@ -331,3 +331,42 @@ def test_vqa_soft_scores():
     assert [meter.vqa_score(k) for k in range(6)] == [0.0, 0.3, 0.6, 0.9, 1.0, 1.0]
     t = meter.soft_target(["2"] * 7 + ["3", "3", "unknown"], {"2": 0, "3": 1, "4": 2})
     assert t.tolist() == pytest.approx([1.0, 0.6, 0.0])
+
+
+def test_vqa_score_is_the_mean_over_leave_one_annotator_out_subsets():
+    """The official VQA accuracy, computed here by brute force: ten annotators of whom k gave the answer;
+    drop each annotator in turn and score min(1, matches among the other nine / 3); average the ten."""
+    for k in range(11):
+        answers = [1] * k + [0] * (10 - k)
+        acc = sum(min(1.0, sum(answers[:i] + answers[i + 1:]) / 3) for i in range(10)) / 10
+        assert meter.vqa_score(k) == pytest.approx(acc, abs=1e-12), k
+        assert meter.vqa_score(k) == pytest.approx(round(acc, 1), abs=1e-12)  # the table's one decimal: exact
+    assert meter.vqa_score(1) != pytest.approx(1 / 3)  # not min(1, k/3)
+
+
+def test_image_pooler_averages_the_image_tokens_and_the_text_pooler_reads_the_first():
+    """pooled = [tanh(W x_K[:, 0]); tanh(W' mean_j y_K[:, j])] (METER's poolers with image-token averaging
+    for Swin backbones), recomputed from the fusion outputs."""
+    m = tiny()
+    with torch.no_grad():
+        for pooler in (m.text_pooler, m.image_pooler):
+            torch.nn.init.normal_(pooler.dense.weight, std=0.3)
+    tokens = tokens_with_padding()
+    images = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        out = m(images, tokens)
+        x, y = out["text"], out["image"]
+        want_text = torch.tanh(x[:, 0] @ m.text_pooler.dense.weight.T + m.text_pooler.dense.bias)
+        want_image = torch.tanh(y.sum(1) / y.shape[1] @ m.image_pooler.dense.weight.T + m.image_pooler.dense.bias)
+    H = x.shape[-1]
+    assert y.shape[1] > 1
+    torch.testing.assert_close(out["pooled"][:, :H], want_text, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out["pooled"][:, H:], want_image, atol=1e-5, rtol=1e-5)
+
+
+def test_itm_pairs_swap_at_least_two_rows():
+    g = torch.Generator().manual_seed(1)
+    for B, swapped in ((1, 0), (2, 2), (3, 2), (5, 2), (7, 3)):
+        idx, label = meter.itm_pairs([f"caption {i}" for i in range(B)], g)
+        assert int((idx != torch.arange(B)).sum()) == swapped, B
+        assert sorted(idx.tolist()) == list(range(B)) and label.tolist() == (idx == torch.arange(B)).long().tolist()

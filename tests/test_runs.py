@@ -253,8 +253,11 @@ def test_stage2_drops_the_short_texts_of_a_csv_and_keeps_batches_full(tmp_path, 
     t = make_trainer(tmp_path, "--data", spec, "--stage", "2", "--max_steps", "2", "--batch_size", "8",
                      "--eval_every", "100", name="s2")
     ds = t.task.train_dataset()
-    assert isinstance(ds, Stage2Data) and len(ds) == 16
-    assert {ds[i]["text"] for i in range(len(ds))} == {"a dog on the grass", "a photo of a dog."}
+    assert isinstance(ds, Stage2Data) and len(ds) == 32
+    texts = [ds[i]["text"] for i in range(len(ds))]
+    assert set(texts) == {"a dog on the grass", "a photo of a dog."}  # every slot filled by a natural caption
+    assert [ds[i]["text"] for i in range(len(ds))] == texts  # the same draws every time (and after a resume)
+    assert all(texts[i] == words[i % 4] for i in range(32) if i % 4 >= 2)  # a natural caption keeps its slot
     batch = t.next_batch(t.batches())
     assert len(batch["text"]) == 8  # a full batch, on every rank
     spec = write_csv(tmp_path / "short", shapes, n=8, captions=["dog"] * 8)

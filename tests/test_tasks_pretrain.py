@@ -85,3 +85,49 @@ def test_every_tasks_checkpoint_rebuilds_its_model_from_model_args(tmp_path, tas
     assert set(model.state_dict()) == set(own)
     for k, v in model.state_dict().items():
         assert v.shape == own[k].shape and torch.equal(v, own[k].cpu()), k
+
+
+def test_prepare_wraps_short_texts_in_stage_1_keeps_their_keys_and_leaves_stage_2_texts_alone(tmp_path):
+    t = make_trainer(tmp_path, "--max_steps", "1", name="prep")
+    task = t.task
+    texts = ["red circle", "A photo of a red circle.", "a small blue square on a grey ground"]
+    batch = {"text": texts, "label": torch.tensor([0, 0, 1]), "image": torch.zeros(3, 3, 32, 32)}
+    _, tokens, keys = task.prepare(batch, step=5)
+    tok = task.tokenizer
+    L = tokens.shape[1]
+
+    def row(text):
+        return tok([text], task.context_length)[0, :L]
+
+    assert any(torch.equal(tokens[0], row(tpl.format("red circle"))) for tpl in unicl.TEMPLATES)  # wrapped
+    assert not torch.equal(tokens[0], row("red circle"))
+    assert torch.equal(tokens[1], row(texts[1])) and torch.equal(tokens[2], row(texts[2]))  # left as they are
+    assert keys[0] == keys[1] == unicl.caption_key("red circle") and keys[2] != keys[0]  # identical texts, one key
+    # the template is a function of (seed, step, text): the same again, another at another step
+    assert torch.equal(task.prepare(batch, step=5)[1], tokens)
+    assert any(not torch.equal(task.prepare(batch, step=s)[1][0], tokens[0]) for s in range(6, 30))
+    # stage 2: no text is rewritten (the data holds no short text to wrap)
+    two = make_trainer(tmp_path, "--max_steps", "1", "--stage", "2", name="prep2")
+    _, tokens2, keys2 = two.task.prepare({**batch, "text": texts[1:], "label": batch["label"][1:],
+                                          "image": batch["image"][1:]}, step=5)
+    assert torch.equal(keys2, keys[1:])
+    tok2 = two.task.tokenizer
+    assert torch.equal(tokens2, tok2(texts[1:], two.task.context_length)[:, :tokens2.shape[1]])
+
+
+def test_image_label_folders_give_class_keys(tmp_path):
+    from PIL import Image
+
+    from data import ShapesText
+
+    shapes = ShapesText("train", length=8, img_size=32)
+    for i in range(8):
+        d = tmp_path / "train" / ("circles" if i % 2 else "squares")
+        d.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(shapes.image_uint8(i)).save(d / f"{i}.png")
+    t = make_trainer(tmp_path, "--data", f"folder:{tmp_path / 'train'}", "--batch_size", "4", "--max_steps", "1",
+                     name="folder")
+    batch = t.next_batch(t.batches())
+    _, _, keys = t.task.prepare(batch, step=0)
+    assert all(unicl.is_class_key(int(k)) for k in keys)
+    assert [int(k) for k in keys] == [unicl.class_key(int(y)) for y in batch["label"]]

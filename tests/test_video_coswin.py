@@ -135,6 +135,8 @@ def test_inflated_bias_table_equals_the_2d_one_at_every_temporal_offset():
 
 
 def test_inflate_bias_table_resizes_the_spatial_window_first():
+    """Inflation = the 2D resize, then duplication along time. The resize itself (bicubic per head, as the
+    official Swin loader) is checked against an independent loop in tests/test_coswin.py."""
     table = torch.randn(7 * 7, 3)
     out = inflate_bias_table(table, (2, 6, 6))
     assert out.shape == (3 * 11 * 11, 3)

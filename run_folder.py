@@ -116,9 +116,23 @@ def save_checkpoint(obj, path: str, keep_previous: bool = True):
     os.replace(tmp, path)
 
 
-def resume_candidates(run_dir: str) -> list[str]:
-    """--resume auto: the newest checkpoint, then the previous one (a fallback when the newest is unreadable)."""
-    return [p for p in (os.path.join(run_dir, "ckpt.pt"), os.path.join(run_dir, PREVIOUS)) if os.path.isfile(p)]
+def load_resume(resume: str, run_dir: str, say=None) -> tuple[dict | None, str]:
+    """--resume auto: the run's newest checkpoint, else the previous one when the newest cannot be read (with
+    a note); --resume PATH: that one; "": none. → (checkpoint, its path)."""
+    from tasks.base import load_checkpoint
+
+    if resume != "auto":
+        return (load_checkpoint(resume), resume) if resume else (None, "")
+    candidates = [p for p in (os.path.join(run_dir, "ckpt.pt"), os.path.join(run_dir, PREVIOUS)) if os.path.isfile(p)]
+    for i, path in enumerate(candidates):
+        try:
+            return load_checkpoint(path), path
+        except SystemExit as e:
+            if i + 1 == len(candidates):
+                raise
+            if say is not None:
+                say(f"note: {e}; resuming from {candidates[i + 1]} instead")
+    return None, ""
 
 
 def changed_fields(old: dict, new: dict) -> dict:

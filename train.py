@@ -441,7 +441,7 @@ class Trainer:
         self.ckpt_path = os.path.join(self.run_dir, "ckpt.pt")
         self.metrics_path = os.path.join(self.run_dir, "metrics.jsonl")
         self.lock = run_folder.Lock(self.run_dir)
-        ckpt, resume_path = self._resume_checkpoint(cfg)
+        ckpt, resume_path = run_folder.load_resume(cfg.resume, self.run_dir, say=tqdm.write if d.main else None)
         if d.main:
             run_folder.guard_folder(self.run_dir, resuming=ckpt is not None, overwrite=cfg.overwrite)
             os.makedirs(self.run_dir, exist_ok=True)
@@ -455,7 +455,7 @@ class Trainer:
     def _build(self, cfg: Config, ckpt: dict | None, resume_path: str):
         d = self.dist
         init = load_checkpoint(cfg.init_from) if ckpt is None and cfg.init_from else None
-        cfg = self.cfg = self._resolve_stage(cfg, ckpt or init)
+        cfg = self.cfg = TASKS[cfg.task].resolve_config(cfg, ckpt or init)
         changes = None
         if ckpt is not None:
             changes = run_folder.changed_fields(json.loads(ckpt.get("config", "{}")), dataclasses.asdict(cfg))
@@ -502,33 +502,6 @@ class Trainer:
             run_folder.record_config(self.run_dir, dataclasses.asdict(cfg), self.step, changes)
 
     # -- set-up ----------------------------------------------------------------------------------------
-    def _resume_checkpoint(self, cfg: Config) -> tuple[dict | None, str]:
-        """--resume auto: the newest checkpoint of the run, else the previous one (with a note); PATH: that one."""
-        if cfg.resume != "auto":
-            return (load_checkpoint(cfg.resume), cfg.resume) if cfg.resume else (None, "")
-        candidates = run_folder.resume_candidates(self.run_dir)
-        for i, path in enumerate(candidates):
-            try:
-                ckpt = load_checkpoint(path)
-            except SystemExit as e:
-                if i + 1 == len(candidates):
-                    raise
-                if self.dist.main:
-                    tqdm.write(f"note: {e}; resuming from {candidates[i + 1]} instead")
-                continue
-            return ckpt, path
-        return None, ""
-
-    @staticmethod
-    def _resolve_stage(cfg: Config, ckpt: dict | None) -> Config:
-        """--stage 0: the stage of the run this one continues or starts from (a pretraining checkpoint), else 1.
-        So the paper's 384² phase, started from the stage-2 run with --init_from, stays at stage 2."""
-        if cfg.stage:
-            return cfg
-        theirs = json.loads(ckpt.get("config", "{}")) if ckpt is not None else {}
-        stage = int(theirs.get("stage") or 1) if theirs.get("task") == "pretrain" else 1
-        return dataclasses.replace(cfg, stage=stage)
-
     def _wrap(self, model: nn.Module) -> nn.Module:
         cfg, d = self.cfg, self.dist
         wrapped = model

@@ -64,6 +64,8 @@ class Task:
                                          adapters override it to take the towers of a pretraining run
     defaults                             {field: value} used where neither --config nor a flag sets the
                                          field (e.g. --task video's clip size and schedule)
+    resolve_config(cfg, source) → cfg    (class method) fill fields that depend on the checkpoint the run
+                                         resumes or starts from (pretrain: --stage 0 → that run's stage)
     img_scale                            --img_size 0 means the preset's pretraining size × this
     `self.init_checkpoint` holds the --init_from checkpoint (or None) while build_model() runs, so a
     task can read the tokenizer or config from it (see `tasks.pretrain.load_pretrained`).
@@ -78,6 +80,10 @@ class Task:
         self.init_checkpoint = None
         self.model_args: dict | None = None
         self.tokenizer = None
+
+    @classmethod
+    def resolve_config(cls, cfg, source: dict | None):
+        return cfg
 
     def init_from(self, model: nn.Module, ckpt: dict, path: str):
         import coswin

@@ -18,6 +18,7 @@ the adapters start from it.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -50,6 +51,16 @@ class PretrainTask(Task):
     # warmup and a cosine to lr/2 (short CPU runs learn shape late: the lr stays up); AdamW wd 0.1 and
     # β2 0.98 as CLIP (the paper gives neither). Measured runs: docs/EXPERIMENTS.md, pretrain.
     defaults: dict = {}
+
+    @classmethod
+    def resolve_config(cls, cfg, source: dict | None):
+        """--stage 0: the stage of the pretraining run this one continues or starts from, else 1. So the
+        paper's 384² phase, started from the stage-2 run with --init_from, stays at stage 2."""
+        if cfg.stage:
+            return cfg
+        theirs = json.loads(source.get("config", "{}")) if source is not None else {}
+        stage = int(theirs.get("stage") or 1) if theirs.get("task") == "pretrain" else 1
+        return dataclasses.replace(cfg, stage=stage)
 
     def __init__(self, cfg, d):
         super().__init__(cfg, d)

@@ -93,6 +93,10 @@ def test_a_second_run_on_a_finished_or_live_name_leaves_the_first_untouched(tmp_
     finally:
         other.kill()
         other.wait()
+    (run / "lock").write_text(json.dumps({"host": "another-machine", "pid": 1, "since": "now"}))
+    with pytest.raises(SystemExit, match="in use by process 1 on another-machine"):  # cannot be checked: live
+        make_trainer(tmp_path, "--resume", "auto", name="keep")
+    (run / "lock").write_text(json.dumps({**lock, "pid": other.pid}))  # the finished process's lock
     again = make_trainer(tmp_path, "--resume", "auto", "--max_steps", "3", name="keep")
     assert json.loads((run / "lock").read_text())["pid"] == os.getpid()
     again.fit()

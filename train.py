@@ -442,10 +442,21 @@ class Trainer:
         self.metrics_path = os.path.join(self.run_dir, "metrics.jsonl")
         self.lock = run_folder.Lock(self.run_dir)
         ckpt, resume_path = run_folder.load_resume(cfg.resume, self.run_dir, say=tqdm.write if d.main else None)
+        refusal = None
         if d.main:
-            run_folder.guard_folder(self.run_dir, resuming=ckpt is not None, overwrite=cfg.overwrite)
-            os.makedirs(self.run_dir, exist_ok=True)
-            self.lock.acquire(say=tqdm.write)
+            try:
+                run_folder.guard_folder(self.run_dir, resuming=ckpt is not None, overwrite=cfg.overwrite)
+                os.makedirs(self.run_dir, exist_ok=True)
+                self.lock.acquire(say=tqdm.write)
+            except SystemExit as e:
+                refusal = e
+        if d.on:  # every rank stops when rank 0 refuses the folder (the others would wait in a collective)
+            flag = torch.tensor([1.0 if refusal else 0.0], device=d.device)
+            dist.broadcast(flag, src=0)
+            if flag.item() and refusal is None:
+                raise SystemExit("train.py: rank 0 refused the run folder (its message says why)")
+        if refusal is not None:
+            raise refusal
         try:
             self._build(cfg, ckpt, resume_path)
         except BaseException:

@@ -222,3 +222,14 @@ def test_torchrun_two_processes_equal_one_process(tmp_path, mode):
     wb = torch.load(tmp_path / "two" / "ckpt.pt", weights_only=True)["model"]
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], atol=1e-5, rtol=1e-4, msg=k)
+
+
+@pytest.mark.slow
+def test_torchrun_refuses_a_finished_run_on_every_rank(tmp_path):
+    """Rank 0 refuses a folder that holds a checkpoint; rank 1 must stop too, not wait in a collective."""
+    args = FAST + ["--max_steps", "1", "--eval_every", "100", "--out_dir", str(tmp_path), "--name", "done"]
+    _run([sys.executable, "train.py", *args], ROOT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
+                        *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode != 0 and "already holds a run" in p.stdout + p.stderr

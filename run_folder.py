@@ -11,13 +11,10 @@
 """
 from __future__ import annotations
 
-import errno
 import json
 import os
 import socket
 import time
-
-import torch
 
 PREVIOUS = "ckpt.prev.pt"
 # flags that may change on resume without changing what is computed (where, how often, how it is shown)
@@ -98,22 +95,12 @@ class Lock:
             self.held = False
 
 
-def save_checkpoint(obj, path: str, keep_previous: bool = True):
-    """Write `obj` to `path` atomically (temporary file, then rename); the file it replaces becomes
-    ckpt.prev.pt. On failure the temporary file is removed and one sentence says why."""
-    tmp = f"{path}.tmp.{os.getpid()}"
-    try:
-        torch.save(obj, tmp)
-    except (OSError, RuntimeError) as e:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        full = getattr(e, "errno", None) == errno.ENOSPC or "No space left" in str(e)
-        why = "the disk is full" if full else f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-        raise SystemExit(f"train.py: could not write the checkpoint {path} ({why}); the checkpoints already there "
-                         f"are kept. Free space (or fix the folder) and continue with --resume auto") from None
-    if keep_previous and os.path.isfile(path):
-        os.replace(path, os.path.join(os.path.dirname(path), PREVIOUS))
-    os.replace(tmp, path)
+def save_checkpoint(obj, path: str):
+    """The run's checkpoint, written atomically; the one it replaces becomes ckpt.prev.pt."""
+    from tasks.base import atomic_save
+
+    atomic_save(obj, path, previous=os.path.join(os.path.dirname(path), PREVIOUS), what="checkpoint",
+                hint="continue with --resume auto")
 
 
 def load_resume(resume: str, run_dir: str, say=None) -> tuple[dict | None, str]:

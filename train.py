@@ -478,6 +478,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda") if use_scaler else None
         self.step = 0
         self.data_position = 0  # micro-batches this rank has taken from the training data
+        self.micro_per_epoch = None  # of a map-style training set (set by batches())
         self.total_steps = cfg.max_steps
         self.bad_in_a_row = self.bad_total = 0
         self.tally = SkipTally()
@@ -665,7 +666,7 @@ class Trainer:
         """The next micro-batch with a usable sample. One whose every sample was unusable is counted and passed
         over; when no batch can be formed the run stops with what was read and why, instead of retrying for ever."""
         empty = 0
-        limit = min(50, getattr(self, "micro_per_epoch", 50))
+        limit = min(50, self.micro_per_epoch or 50)
         while True:
             if self.stop_requested and not self.dist.on:
                 raise _Stopped()

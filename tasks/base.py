@@ -10,6 +10,8 @@ resumes checkpoints, and the adapters read a pretraining checkpoint to start fro
 from __future__ import annotations
 
 import contextlib
+import errno
+import json
 import math
 import os
 from dataclasses import dataclass, field
@@ -119,6 +121,9 @@ class Task:
         (scaler.scale(scaled) if scaler is not None else scaled).backward()
         return loss.detach(), logs
 
+    def train_dataset(self):
+        return self._train  # every task builds its training set in __init__
+
     def check_eval(self):
         self.eval_dataset()
 
@@ -200,6 +205,16 @@ def build_data(spec: str, split: str, cfg, task: str, what: str, **kw):
         raise SystemExit(f"train.py: cannot build the {what} data {spec!r}: {e}") from None
 
 
+def source_task(ckpt: dict | None) -> str | None:
+    """The --task that wrote a checkpoint (None for no checkpoint or one without a train.py config)."""
+    if ckpt is None:
+        return None
+    try:
+        return json.loads(ckpt.get("config", "{}")).get("task")
+    except (TypeError, json.JSONDecodeError):
+        return None
+
+
 def tokenizer_from_state(sd: dict):
     """A task state's BPE merges → the Tokenizer they define (None if the state holds none)."""
     from text_encoder import Tokenizer
@@ -234,9 +249,22 @@ def set_drop_path(image_encoder: nn.Module, rate: float):
 # Checkpoint files: atomic save, clear errors on load (train.py writes them, adapters read them)
 
 
-def atomic_save(obj, path: str):
+def atomic_save(obj, path: str, previous: str | None = None, what: str = "file", hint: str = "run again"):
+    """torch.save to a temporary file, then rename it to `path`: a reader never sees half a file. With
+    `previous`, the file it replaces is kept under that name. On failure the temporary file is removed, the
+    files already there stay, and one sentence says why (e.g. the disk is full)."""
     tmp = f"{path}.tmp.{os.getpid()}"
-    torch.save(obj, tmp)
+    try:
+        torch.save(obj, tmp)
+    except (OSError, RuntimeError) as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        full = getattr(e, "errno", None) == errno.ENOSPC or "No space left" in str(e)
+        why = "the disk is full" if full else f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        raise SystemExit(f"train.py: could not write the {what} {path} ({why}); the {what}s already there are kept. "
+                         f"Free space (or fix the folder) and {hint}") from None
+    if previous is not None and os.path.isfile(path):
+        os.replace(path, previous)
     os.replace(tmp, path)
 
 

@@ -25,7 +25,7 @@ import data
 import unicl
 from tasks import draw
 from tasks.base import (Task, atomic_save, build_data, check_compatible, eval_mode, is_synthetic, set_drop_path,
-                        unwrap, zero_loss)
+                        source_task, unwrap, zero_loss)
 from tasks.pretrain import load_pretrained
 
 
@@ -132,9 +132,6 @@ class ClassTask(Task):
     def _train_options(self) -> dict:
         return {}
 
-    def train_dataset(self):
-        return self._train
-
     def eval_dataset(self):
         return self.held_out_set(self._dataset, "held-out images of the same classes with --eval_data folder:DIR")
 
@@ -144,17 +141,14 @@ class ClassTask(Task):
     # -- model -----------------------------------------------------------------------------------------
     def build_model(self) -> nn.Module:
         cfg, ckpt = self.cfg, self.init_checkpoint
-        source = json.loads(ckpt.get("config", "{}")).get("task") if ckpt is not None else None
+        source = source_task(ckpt)
         if ckpt is not None and source != "pretrain":
             if source != self.name:
                 raise SystemExit(f"train.py: --init_from holds a --task {source} checkpoint; --task {self.name} starts "
                                  "from a --task pretrain checkpoint (or one of its own)")
             self.load_state_dict(ckpt.get("task", {}))  # its tower recipe; the weights come in init_from()
         if ckpt is not None and source == "pretrain":
-            florence, tokenizer, towers, pcfg = load_pretrained(ckpt, device=self.dist.device)
-            if pcfg.preset != cfg.preset:
-                raise SystemExit(f"train.py: --init_from holds a --preset {pcfg.preset} model; pass --preset "
-                                 f"{pcfg.preset} so that checkpoints of this run resume with the same shapes")
+            florence, tokenizer, towers, _ = load_pretrained(ckpt, device=self.dist.device, preset=cfg.preset)
             self.tower = {k: towers[k] for k in ("image", "image_overrides", "embed_dim")}
             W = unicl.zero_shot_classifier(florence, tokenizer, self.classes,
                                            context_length=florence.text_encoder.cfg.context_length).float()  # (D, K)

@@ -82,9 +82,6 @@ class DetectTask(Task):
         self.bad_boxes = 0
 
     # -- data ------------------------------------------------------------------------------------------
-    def train_dataset(self):
-        return self._train
-
     def eval_dataset(self):
         return self.held_out_set(lambda spec, split, **kw: build_data(spec, split, self.cfg, "detect", "detection",
                                                                       **kw),

@@ -70,9 +70,6 @@ class PretrainTask(Task):
         self._eval = None
 
     # -- data ------------------------------------------------------------------------------------------
-    def train_dataset(self):
-        return self._train
-
     def eval_dataset(self):
         if self._eval is None:
             cfg = self.cfg
@@ -354,9 +351,10 @@ def towers_args(cfg, vocab_size: int) -> dict:
     return unicl.model_args(unicl.config(cfg.preset, vocab_size=vocab_size, image_overrides=over))
 
 
-def load_pretrained(ckpt: dict | str, device="cpu"):
+def load_pretrained(ckpt: dict | str, device="cpu", preset: str | None = None):
     """A `--task pretrain` checkpoint (dict or path) → (Florence model with its weights, Tokenizer,
-    the towers' model_args, the run's config as a namespace).
+    the towers' model_args, the run's config as a namespace). With `preset`, a checkpoint of another
+    --preset is refused (an adapter's own checkpoints must resume with the same shapes).
 
     For adapters: `florence.image_encoder` is the CoSwin, `florence.text_encoder` the text tower. A
     checkpoint written before checkpoints carried `model_args` is read through its config."""
@@ -370,6 +368,9 @@ def load_pretrained(ckpt: dict | str, device="cpu"):
     if pcfg.task != "pretrain" or "tokenizer_merges" not in ckpt.get("task", {}):
         raise SystemExit(f"train.py: the --init_from checkpoint is from --task {pcfg.task}; adapters start "
                          "from a --task pretrain checkpoint")
+    if preset is not None and pcfg.preset != preset:
+        raise SystemExit(f"train.py: --init_from holds a --preset {pcfg.preset} model; pass --preset "
+                         f"{pcfg.preset} so that checkpoints of this run resume with the same shapes")
     tokenizer = tokenizer_from_state(ckpt["task"])
     args = ckpt.get("model_args") or towers_args(pcfg, tokenizer.vocab_size)
     model = unicl.from_model_args(args)

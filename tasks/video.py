@@ -9,7 +9,6 @@ A CoSwin becomes a video model by inflation (video_coswin.VideoCoSwin.from_image
 """
 from __future__ import annotations
 
-import json
 import os
 
 import torch
@@ -21,7 +20,7 @@ import data
 import unicl
 import video_coswin
 from tasks import draw
-from tasks.base import Task, build_data, check_compatible, eval_mode, set_drop_path, zero_loss
+from tasks.base import Task, build_data, check_compatible, eval_mode, set_drop_path, source_task, zero_loss
 from tasks.pretrain import load_pretrained
 
 
@@ -66,9 +65,6 @@ class VideoTask(Task):
     def _dataset(self, spec: str, split: str, **kw):
         return build_data(spec, split, self.cfg, "video", "video", num_frames=self.cfg.num_frames, **kw)
 
-    def train_dataset(self):
-        return self._train
-
     def eval_dataset(self):
         return self.held_out_set(self._dataset, "held-out clips with --eval_data video:VAL.csv")
 
@@ -80,11 +76,8 @@ class VideoTask(Task):
         cfg, ckpt = self.cfg, self.init_checkpoint
         args = {"temporal_kernel": cfg.temporal_kernel, "middle_frame": cfg.video_input == "middle_frame",
                 "num_classes": len(self.classes)}
-        if ckpt is not None and json.loads(ckpt.get("config", "{}")).get("task") == "pretrain":
-            florence, _, towers, pcfg = load_pretrained(ckpt)
-            if pcfg.preset != cfg.preset:
-                raise SystemExit(f"train.py: --init_from holds a --preset {pcfg.preset} model; pass --preset "
-                                 f"{pcfg.preset} so that checkpoints of this run resume with the same shapes")
+        if source_task(ckpt) == "pretrain":
+            florence, _, towers, _ = load_pretrained(ckpt, preset=cfg.preset)
             image = florence.image_encoder  # trained CoSwin: inflated below, every weight inherited
             self.init_checkpoint = None  # taken here; nothing left for init_from()
             if cfg.drop_path >= 0:

@@ -11,7 +11,6 @@ vqa:QUESTIONS.json,ANNOTATIONS.json,IMAGES/.
 """
 from __future__ import annotations
 
-import json
 import os
 
 import torch
@@ -25,7 +24,7 @@ import meter
 import text_encoder
 import unicl
 from tasks import draw
-from tasks.base import Task, build_data, eval_mode, is_synthetic, zero_loss
+from tasks.base import Task, build_data, eval_mode, is_synthetic, source_task, zero_loss
 from tasks.pretrain import load_pretrained, towers_args
 
 
@@ -51,9 +50,6 @@ class MeterTask(Task):
 
     def _dataset(self, spec: str, split: str, **kw):
         return build_data(spec, split, self.cfg, self.data_task, self.data_task, **kw)
-
-    def train_dataset(self):
-        return self._train
 
     def eval_dataset(self):
         if self._eval is None:
@@ -105,14 +101,11 @@ class MeterTask(Task):
 
     def build_model(self) -> nn.Module:
         cfg, ckpt = self.cfg, self.init_checkpoint
-        source = json.loads(ckpt.get("config", "{}")).get("task") if ckpt is not None else None
+        source = source_task(ckpt)
         preset = cfg.meter_preset or ("toy" if cfg.preset == "toy" else "florence")
         fusion = {"name": preset, **self.meter_overrides(), **self.heads()}  # meter.build's arguments
         if source == "pretrain":
-            florence, self.tokenizer, towers, pcfg = load_pretrained(ckpt)
-            if pcfg.preset != cfg.preset:
-                raise SystemExit(f"train.py: --init_from holds a --preset {pcfg.preset} model; pass --preset "
-                                 f"{pcfg.preset} so that checkpoints of this run resume with the same shapes")
+            florence, self.tokenizer, towers, _ = load_pretrained(ckpt, preset=cfg.preset)
             model = meter.from_pretrained(florence, **fusion)  # the causal tower's weights, attending both ways
             self.init_checkpoint = None  # taken here; nothing left for init_from()
         else:

@@ -36,6 +36,15 @@ def write_csv(root, shapes, n=32, missing=(), captions=None):
     return f"csv:{root / 'pairs.csv'}"
 
 
+def write_class_folder(root, shapes, n: int) -> str:
+    """n ShapesText images as PNG files in two class subfolders (circles, squares) of `root`: folder:ROOT."""
+    for i in range(n):
+        d = root / ("circles" if i % 2 else "squares")
+        d.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(shapes.image_uint8(i)).save(d / f"{i}.png")
+    return f"folder:{root}"
+
+
 def interrupted_then_resumed(tmp_path, *flags):
     """(weights and losses of an uninterrupted 6-step run, the same of a run stopped by SIGTERM in step 3
     and resumed with --resume auto)."""
@@ -154,13 +163,13 @@ def test_a_failed_save_keeps_the_previous_checkpoint_and_says_why(tmp_path, monk
             raise OSError(errno.ENOSPC, "No space left on device")
         return real(obj, path, *a, **k)
 
-    monkeypatch.setattr(run_folder.torch, "save", full_disk)
+    monkeypatch.setattr(torch, "save", full_disk)
     with pytest.raises(SystemExit, match=r"could not write the checkpoint .*ckpt.pt \(the disk is full\)"):
         t.fit()
     files = sorted(os.listdir(tmp_path / "disk"))
     assert not [f for f in files if ".tmp." in f]  # the partial file is gone
     assert torch.load(tmp_path / "disk" / "ckpt.pt", weights_only=True)["step"] == 1  # the last good one
-    monkeypatch.setattr(run_folder.torch, "save", real)
+    monkeypatch.setattr(torch, "save", real)
     t2 = make_trainer(tmp_path, "--max_steps", "3", "--ckpt_every", "1", "--resume", "auto", name="disk")
     assert t2.step == 1
 
@@ -230,12 +239,8 @@ def test_a_bad_held_out_set_fails_before_the_first_step(tmp_path, shapes):
 
 
 def test_a_two_class_folder_evaluates_draws_and_ends(tmp_path, shapes):
-    for i in range(12):
-        d = tmp_path / "val" / ("circles" if i % 2 else "squares")
-        d.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(shapes.image_uint8(i)).save(d / f"{i}.png")
-    t = make_trainer(tmp_path, "--eval_data", f"folder:{tmp_path / 'val'}", "--max_steps", "2", "--eval_every", "100",
-                     name="two")
+    t = make_trainer(tmp_path, "--eval_data", write_class_folder(tmp_path / "val", shapes, 12), "--max_steps", "2",
+                     "--eval_every", "100", name="two")
     metrics = t.fit()
     rows = [json.loads(line) for line in open(tmp_path / "two" / "metrics.jsonl")]
     assert rows[-1]["event"] == "end" and 0 <= metrics["zeroshot_top1"] <= metrics["zeroshot_top5"] == 1.0

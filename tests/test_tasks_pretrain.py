@@ -116,17 +116,11 @@ def test_prepare_wraps_short_texts_in_stage_1_keeps_their_keys_and_leaves_stage_
 
 
 def test_image_label_folders_give_class_keys(tmp_path):
-    from PIL import Image
-
     from data import ShapesText
+    from test_runs import write_class_folder
 
-    shapes = ShapesText("train", length=8, img_size=32)
-    for i in range(8):
-        d = tmp_path / "train" / ("circles" if i % 2 else "squares")
-        d.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(shapes.image_uint8(i)).save(d / f"{i}.png")
-    t = make_trainer(tmp_path, "--data", f"folder:{tmp_path / 'train'}", "--batch_size", "4", "--max_steps", "1",
-                     name="folder")
+    spec = write_class_folder(tmp_path / "train", ShapesText("train", length=8, img_size=32), 8)
+    t = make_trainer(tmp_path, "--data", spec, "--batch_size", "4", "--max_steps", "1", name="folder")
     batch = t.next_batch(t.batches())
     _, _, keys = t.task.prepare(batch, step=0)
     assert all(unicl.is_class_key(int(k)) for k in keys)

@@ -67,9 +67,11 @@ class Config:
     img_size: int = 0  # 0 = the preset's (64 toy, 224 otherwise) × the task's img_scale; 384 for the paper's last phase
     window_size: int = 0  # 0 = the image preset's; 12 at 384 (bias tables are resized on --init_from)
     init_from: str = ""  # a checkpoint whose weights start this run (e.g. the 224 run before 384, or the towers of an adapter)
+    init_image: str = ""  # swin:PATH = the image tower from an official microsoft/Swin-Transformer or timm Swin checkpoint
+    init_text: str = ""  # clip:PATH = the text tower from an OpenAI CLIP or open_clip state dict (use with --tokenizer clip:VOCAB)
     # §2.2 UniCL pretraining (tasks/pretrain.py)
     stage: int = 0  # UniCL stage 1: short texts wrapped in prompt templates; 2: those texts dropped; 0: 1, or the --init_from run's
-    tokenizer: str = ""  # a tokenizer JSON to use instead of training one on the data
+    tokenizer: str = ""  # "" = learn BPE merges on the data | FILE.json (ours) | clip:VOCAB (CLIP's bpe_simple_vocab_16e6.txt.gz)
     vocab_size: int = 0  # 0 = the preset's; BPE merges are learned up to this size
     tokenizer_texts: int = 10_000  # training captions the BPE merges are learned from
     # the schedule (train.py)
@@ -95,7 +97,8 @@ class Config:
     compile: bool = False  # torch.compile the model
     workers: int = 0  # DataLoader worker processes per rank
     seed: int = 0
-    # §2.4 object-level adapter, Dynamic Head + ATSS (tasks/detect.py)
+    # §2.4 object-level adapter, Dynamic Head + ATSS or Dynamic DETR (tasks/detect.py)
+    det_adapter: str = "dyhead"  # dyhead: Dynamic Head + ATSS (dynamic_head.py) | dydetr: Dynamic DETR (dynamic_detr.py)
     det_head: str = "toy"  # DynamicHead preset: toy (CPU: narrow, few blocks) | paper (6 blocks × 256, P3–P7)
     det_channels: int = 0  # > 0: the pyramid / DyHead width instead of the preset's
     det_blocks: int = 0  # > 0: the number of DyHead blocks instead of the preset's
@@ -126,6 +129,9 @@ class Config:
     label_smoothing: float = 0.1  # classify: cross-entropy label smoothing
     layer_decay: float = 0.9  # classify: block j of N gets lr·decay^(N+1−j) (last block lr·decay); 1.0 = off
     # evaluation, logging, checkpoints (train.py)
+    eval_only: bool = False  # with --init_from or --resume: evaluate and draw on --eval_data, no training, no checkpoint
+    export: str = ""  # a path: also write the weights-only model there (every run writes <run>/model.pt at its end)
+    tensorboard: bool = False  # also write TensorBoard events to <run>/tb (only if the tensorboard package is installed)
     eval_every: int = 250
     eval_size: int = 1000  # held-out samples for evaluation (synthetic / capped for files)
     log_every: int = 10
@@ -184,8 +190,9 @@ def validate_config(cfg: Config):
         raise SystemExit(f"train.py: unknown --preset {cfg.preset!r}; choose one of {sorted(unicl.PRESETS)}")
     if cfg.task not in TASKS:
         raise SystemExit(f"train.py: unknown --task {cfg.task!r}; available: {sorted(TASKS)}")
-    if cfg.amp not in ("auto", "bf16", "fp16", "off"):
-        raise SystemExit(f"train.py: --amp must be auto, bf16, fp16 or off, got {cfg.amp!r}")
+    for name, choices in CHOICES.items():
+        if getattr(cfg, name) not in choices:
+            raise SystemExit(f"train.py: --{name} must be one of {', '.join(choices)}, got {getattr(cfg, name)!r}")
     if cfg.stage not in (0, 1, 2):
         raise SystemExit(f"train.py: --stage must be 1 or 2 (0: the --init_from run's), got {cfg.stage}")
     for name, ok, rule in RANGES:
@@ -193,6 +200,11 @@ def validate_config(cfg: Config):
         if not ok(value):
             raise SystemExit(f"train.py: --{name} must be {rule}, got {value}")
 
+
+# the flags that take one of a few words (shown by --help, checked before anything is built)
+CHOICES = {"amp": ("auto", "bf16", "fp16", "off"), "det_head": ("toy", "paper"),
+           "det_adapter": ("dyhead", "dydetr"), "det_classifier": ("text", "frozen", "fixed"),
+           "video_input": ("clip", "middle_frame")}
 
 # (flag, check, the rule in words): every numeric flag is checked before anything is built
 RANGES = [

@@ -50,7 +50,7 @@ import unicl
 from data.accounting import Accounted, AccountedCollate, AccountedStream, SkipTally, sample_seed
 from tasks import TASKS, Task
 from tasks import draw
-from tasks.base import Dist, check_compatible, load_checkpoint
+from tasks.base import Dist, atomic_save, check_compatible, load_checkpoint, source_task
 
 # ----------------------------------------------------------------------------------------------------
 # Config: a dataclass; every field is a --flag. Grouped in the paper's order; each group names the task
@@ -63,7 +63,7 @@ class Config:
     task: str = "pretrain"  # pretrain | detect | itm_mlm | vqa | video | linear_probe | classify (tasks/__init__.py)
     preset: str = "toy"  # toy | tiny | base | florence: the two towers' sizes (unicl.PRESETS)
     data: str = "synthetic"  # synthetic[:N] | csv:FILE | shards:DIR | folder:DIR | coco:… | vqa:… | video:… (data/README.md)
-    eval_data: str = "synthetic"  # same forms; a folder's class subfolders become the zero-shot classes
+    eval_data: str = ""  # same forms, or holdout; "" = synthetic for synthetic --data, else (pretrain) holdout: a slice of --data
     img_size: int = 0  # 0 = the preset's (64 toy, 224 otherwise) × the task's img_scale; 384 for the paper's last phase
     window_size: int = 0  # 0 = the image preset's; 12 at 384 (bias tables are resized on --init_from)
     init_from: str = ""  # a checkpoint whose weights start this run (e.g. the 224 run before 384, or the towers of an adapter)
@@ -75,17 +75,17 @@ class Config:
     vocab_size: int = 0  # 0 = the preset's; BPE merges are learned up to this size
     tokenizer_texts: int = 10_000  # training captions the BPE merges are learned from
     # the schedule (train.py)
-    max_steps: int = 1500
+    max_steps: int = 1500  # optimiser steps of the run (the cosine schedule's length)
     max_minutes: float = 0.0  # > 0: a time budget; the cosine schedule is fitted to it (see Trainer)
     batch_size: int = 64  # global batch per optimiser step
-    accum_steps: int = 1
-    lr: float = 6e-4
+    accum_steps: int = 1  # micro-batches per optimiser step (gradient accumulation; the global batch stays --batch_size)
+    lr: float = 6e-4  # peak learning rate (AdamW), reached after the warmup
     min_lr_ratio: float = 0.5  # cosine decays to lr × this (short CPU runs learn shape late: keep lr up)
-    warmup_steps: int = 100
+    warmup_steps: int = 100  # linear warmup from 0 to --lr
     weight_decay: float = 0.1  # AdamW; never on norms, biases, bias tables, embeddings, logit scale
-    beta1: float = 0.9
-    beta2: float = 0.98
-    eps: float = 1e-6
+    beta1: float = 0.9  # AdamW β1
+    beta2: float = 0.98  # AdamW β2 (CLIP's 0.98: steadier for large contrastive batches)
+    eps: float = 1e-6  # AdamW ε
     grad_clip: float = 1.0  # 0 = off
     drop_path: float = -1.0  # < 0 = the preset's
     # §2.7 scale and precision (train.py)
@@ -96,7 +96,7 @@ class Config:
     gradcache_chunk: int = 0  # > 0: contrastive gradient cache with sub-batches of this many rows
     compile: bool = False  # torch.compile the model
     workers: int = 0  # DataLoader worker processes per rank
-    seed: int = 0
+    seed: int = 0  # initial weights, data order and augmentation (a run repeats bit for bit on CPU)
     # §2.4 object-level adapter, Dynamic Head + ATSS or Dynamic DETR (tasks/detect.py)
     det_adapter: str = "dyhead"  # dyhead: Dynamic Head + ATSS (dynamic_head.py) | dydetr: Dynamic DETR (dynamic_detr.py)
     det_head: str = "toy"  # DynamicHead preset: toy (CPU: narrow, few blocks) | paper (6 blocks × 256, P3–P7)
@@ -132,12 +132,12 @@ class Config:
     eval_only: bool = False  # with --init_from or --resume: evaluate and draw on --eval_data, no training, no checkpoint
     export: str = ""  # a path: also write the weights-only model there (every run writes <run>/model.pt at its end)
     tensorboard: bool = False  # also write TensorBoard events to <run>/tb (only if the tensorboard package is installed)
-    eval_every: int = 250
+    eval_every: int = 250  # steps between evaluations (0 = only the final one)
     eval_size: int = 1000  # held-out samples for evaluation (synthetic / capped for files)
-    log_every: int = 10
-    ckpt_every: int = 250
+    log_every: int = 10  # steps between metrics.jsonl records (and log lines when stdout is not a terminal)
+    ckpt_every: int = 250  # steps between checkpoints (one is always written at the end)
     max_bad_steps: int = 20  # this many non-finite steps in a row stop the run
-    out_dir: str = "runs"
+    out_dir: str = "runs"  # run folders are made here: <out_dir>/<name>/
     name: str = ""  # run name; default: <task>-<preset>
     resume: str = ""  # "" (fresh) | auto (runs/<name>/ckpt.pt, else ckpt.prev.pt, if present) | PATH
     overwrite: bool = False  # start afresh in a run folder that holds a checkpoint (its files are deleted)
@@ -152,17 +152,68 @@ def _parse_bool(v: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true/false, got {v!r}")
 
 
+def config_help() -> list[tuple[str, list[tuple[str, str]]]]:
+    """[(group title, [(field, help)])] read from the Config's source: its `# group` lines and the comment
+    after each field, so the help a user reads is the comment a developer reads (one place to keep)."""
+    import inspect
+
+    groups, lines = [], inspect.getsource(Config).splitlines()
+    for line in lines[2:]:
+        text = line.strip()
+        if text.startswith("# "):
+            groups.append((text[2:], []))
+        elif ":" in text and not text.startswith(("#", '"')):
+            name = text.split(":", 1)[0].strip()
+            comment = text.split("  # ", 1)[1] if "  # " in text else ""
+            if not groups:
+                groups.append(("", []))
+            groups[-1][1].append((name, comment))
+    return groups
+
+
+def _help_defaults(argv) -> tuple[str, dict]:
+    """The task named on the command line (for --help) and the defaults a run of it would get."""
+    task = Config.task
+    for i, a in enumerate(argv or []):
+        if a == "--task" and i + 1 < len(argv):
+            task = argv[i + 1]
+        elif a.startswith("--task="):
+            task = a.split("=", 1)[1]
+    t = TASKS.get(task)
+    return task, {**getattr(t, "defaults", {}), **getattr(t, "demo_defaults", {})}
+
+
 def parse_config(argv=None) -> Config:
-    """CLI → Config. `--config run.json` loads a file first; flags given on the line win."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    """CLI → Config. `--config run.json` loads a file first; flags given on the line win; then the task's
+    defaults fill what neither set, and its CPU-demo defaults too for the toy preset on synthetic data."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    help_task, task_defaults = _help_defaults(argv)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=f"Defaults shown are those of --task {help_task}"
+               + (" (the CPU demo's values where marked: --preset toy on synthetic data)"
+                  if getattr(TASKS.get(help_task), "demo_defaults", None) else "")
+               + "; `python train.py --task NAME --help` shows another task's.")
     p.add_argument("--config", default="", help="a JSON file of config fields (e.g. a run's config.json)")
     defaults = Config()
-    for f in dataclasses.fields(Config):
-        default = getattr(defaults, f.name)
-        if isinstance(default, bool):  # `--fsdp` alone means true; `--fsdp false` also works
-            p.add_argument(f"--{f.name}", type=_parse_bool, nargs="?", const=True, default=None)
-        else:
-            p.add_argument(f"--{f.name}", type=type(default), default=None)
+    fields = {f.name: f for f in dataclasses.fields(Config)}
+    demo = getattr(TASKS.get(help_task), "demo_defaults", {})
+    choices = {**CHOICES, "task": tuple(TASKS), "preset": tuple(unicl.PRESETS)}
+    for title, members in config_help():
+        group = p.add_argument_group(title)
+        for name, comment in members:
+            default = task_defaults.get(name, getattr(defaults, name))
+            shown = f"{default!r}" + (" in the CPU demo" if name in demo else "")
+            text = (comment.replace("%", "%%") + " " if comment else "") + f"[default: {shown}]"
+            if name in choices:
+                text += f" {{{', '.join(map(str, choices[name]))}}}"
+            if isinstance(getattr(defaults, name), bool):  # `--fsdp` alone means true; `--fsdp false` also works
+                group.add_argument(f"--{name}", type=_parse_bool, nargs="?", const=True, default=None, help=text,
+                                   metavar="BOOL")
+            else:
+                group.add_argument(f"--{name}", type=type(getattr(defaults, name)), default=None, help=text,
+                                   metavar=name.upper() if name not in choices else "WORD")
+        assert all(n in fields for n, _ in members), "config_help() must read only Config fields"
     args, unknown = p.parse_known_args(argv)
     if unknown:
         valid = " ".join(f"--{f.name}" for f in dataclasses.fields(Config))
@@ -174,15 +225,25 @@ def parse_config(argv=None) -> Config:
                 values = json.load(fh)
         except (OSError, json.JSONDecodeError) as e:
             raise SystemExit(f"train.py: cannot read --config {args.config!r} ({e}); give a JSON file of fields")
-        names = {f.name for f in dataclasses.fields(Config)}
-        bad = sorted(set(values) - names)
+        bad = sorted(set(values) - set(fields))
         if bad:
-            raise SystemExit(f"train.py: {args.config} has unknown field(s) {bad}; valid: {sorted(names)}")
+            raise SystemExit(f"train.py: {args.config} has unknown field(s) {bad}; valid: {sorted(fields)}")
     values.update({k: v for k, v in vars(args).items() if v is not None and k != "config"})
     task = TASKS.get(values.get("task", defaults.task))
-    cfg = Config(**{**getattr(task, "defaults", {}), **values})  # the task's defaults, then file, then flags
+    base = dict(getattr(task, "defaults", {}))
+    if is_cpu_demo(values.get("preset", defaults.preset), values.get("data", defaults.data)):
+        base.update(getattr(task, "demo_defaults", {}))
+    cfg = Config(**{**base, **values})  # the task's defaults, then file, then flags
+    if not cfg.eval_data:  # file data is judged on held-out rows of itself, never on synthetic shapes
+        synthetic = cfg.data == "synthetic" or cfg.data.startswith(("synthetic:", "synthetic?"))
+        cfg = dataclasses.replace(cfg, eval_data="synthetic" if synthetic or cfg.task != "pretrain" else "holdout")
     validate_config(cfg)
     return cfg
+
+
+def is_cpu_demo(preset: str, data: str) -> bool:
+    """The toy preset on synthetic data: the runs whose time budgets and image sizes were fitted to a CPU."""
+    return preset == "toy" and (data == "synthetic" or data.startswith(("synthetic:", "synthetic?")))
 
 
 def validate_config(cfg: Config):
@@ -231,9 +292,9 @@ def resolved(cfg: Config) -> Config:
     """Fill the preset-dependent zeros (img_size: the preset's × the task's `img_scale`, vocab_size, name)."""
     p = unicl.PRESETS[cfg.preset]
     scale = getattr(TASKS.get(cfg.task), "img_scale", 1)
+    name = cfg.name or f"{cfg.task}-{cfg.preset}" + ("-eval" if cfg.eval_only else "")
     return dataclasses.replace(cfg, img_size=cfg.img_size or p.img_size * scale,
-                               vocab_size=cfg.vocab_size or p.vocab_size,
-                               name=cfg.name or f"{cfg.task}-{cfg.preset}")
+                               vocab_size=cfg.vocab_size or p.vocab_size, name=name)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -453,10 +514,19 @@ class Trainer:
         self.ckpt_path = os.path.join(self.run_dir, "ckpt.pt")
         self.metrics_path = os.path.join(self.run_dir, "metrics.jsonl")
         self.lock = run_folder.Lock(self.run_dir)
-        ckpt, resume_path = run_folder.load_resume(cfg.resume, self.run_dir, say=tqdm.write if d.main else None)
+        self.t_created = time.time()
+        self.weights = None  # --eval_only: the checkpoint or export whose weights are evaluated
+        self.tb = None  # --tensorboard's writer (opened by fit)
+        if cfg.eval_only:
+            self.weights, ckpt, resume_path = self._eval_source(cfg), None, ""
+        else:
+            ckpt, resume_path = run_folder.load_resume(cfg.resume, self.run_dir, say=tqdm.write if d.main else None)
         refusal = None
         if d.main:
             try:
+                if cfg.eval_only and os.path.isfile(self.ckpt_path):
+                    raise SystemExit(f"train.py: --eval_only writes metrics into {self.run_dir}/, which holds a "
+                                     "training run's checkpoint; give another --name")
                 run_folder.guard_folder(self.run_dir, resuming=ckpt is not None, overwrite=cfg.overwrite)
                 os.makedirs(self.run_dir, exist_ok=True)
                 self.lock.acquire(say=tqdm.write)
@@ -475,10 +545,26 @@ class Trainer:
             self.lock.release()
             raise
 
+    @staticmethod
+    def _eval_source(cfg: Config) -> dict:
+        """--eval_only: the checkpoint (or weights-only export) named by --resume PATH or --init_from, of this task."""
+        path = cfg.resume or cfg.init_from
+        if not path or path == "auto":
+            raise SystemExit("train.py: --eval_only needs the weights to evaluate: --init_from PATH (a checkpoint "
+                             "or an exported model.pt) or --resume PATH")
+        src = load_checkpoint(path)
+        theirs = source_task(src)
+        if theirs != cfg.task:
+            raise SystemExit(f"train.py: --eval_only --task {cfg.task} evaluates a {cfg.task} model, but {path} holds "
+                             f"a {theirs or 'unknown'} one; pass --task {theirs}" if theirs else
+                             f"train.py: {path} has no train.py config; --eval_only reads checkpoints and exports "
+                             "written by train.py")
+        return src
+
     def _build(self, cfg: Config, ckpt: dict | None, resume_path: str):
         d = self.dist
-        init = load_checkpoint(cfg.init_from) if ckpt is None and cfg.init_from else None
-        cfg = self.cfg = TASKS[cfg.task].resolve_config(cfg, ckpt or init)
+        init = load_checkpoint(cfg.init_from) if ckpt is None and cfg.init_from and not cfg.eval_only else None
+        cfg = self.cfg = TASKS[cfg.task].resolve_config(cfg, ckpt or init or self.weights)
         changes = None
         if ckpt is not None:
             changes = run_folder.changed_fields(json.loads(ckpt.get("config", "{}")), dataclasses.asdict(cfg))
@@ -496,8 +582,8 @@ class Trainer:
         self.tally = SkipTally()
         self.stop_requested, self.stopped_by = False, 0
 
-        if ckpt is not None:
-            self.task.load_state_dict(ckpt.get("task", {}))
+        if ckpt is not None or self.weights is not None:
+            self.task.load_state_dict((ckpt or self.weights).get("task", {}))
         elif init is not None:
             self.task.init_checkpoint = init
         # the same initial weights on every rank; then a per-rank stream for dropout / drop-path
@@ -508,6 +594,12 @@ class Trainer:
             self.task.init_checkpoint = None
             if d.main:
                 tqdm.write(f"initialised from {cfg.init_from}")
+        if self.weights is not None:
+            check_compatible(self.model.state_dict(), self.weights["model"], cfg.resume or cfg.init_from)
+            self.model.load_state_dict(self.weights["model"])
+            self.step = int(self.weights.get("step", 0))  # metrics are recorded at the step the weights reached
+            if d.main:
+                tqdm.write(f"evaluating {cfg.resume or cfg.init_from} (no training, no checkpoint)")
         self.task.check_eval()  # the held-out set is built and checked now, not after training
         self.model.to(d.device)
         self.wrapped = self._wrap(self.model)
@@ -617,11 +709,43 @@ class Trainer:
         if self.dist.on:
             dist.barrier()
 
+    def export(self):
+        """The weights-only model (weights, model_args, the task's state such as the tokenizer, the config;
+        no optimiser, no RNG): <run>/model.pt, and --export PATH too. `torch.load(weights_only=True)` reads
+        it, and so do `florence.load` and `--eval_only --init_from`."""
+        model_sd, _ = self._full_state()  # collective under FSDP: every rank takes part
+        if not self.dist.main:
+            return
+        obj = {"format": "florence-export", "model": model_sd, "model_args": self.task.model_args,
+               "task": self.task.state_dict(), "config": json.dumps(dataclasses.asdict(self.cfg)), "step": self.step}
+        paths = ([] if self.cfg.eval_only else [os.path.join(self.run_dir, "model.pt")]) + \
+            ([self.cfg.export] if self.cfg.export else [])
+        for path in paths:
+            if os.path.dirname(path):
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+            atomic_save(obj, path, what="exported model", hint="export again with --eval_only --init_from CKPT --export PATH")
+
     # -- logging ---------------------------------------------------------------------------------------
     def log(self, record: dict):
         if self.dist.main:
             with open(self.metrics_path, "a") as fh:
                 fh.write(json.dumps({"step": self.step, **record}) + "\n")
+            if self.tb is not None:
+                for k, v in record.items():
+                    if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step":
+                        self.tb.add_scalar(f"{record.get('event', 'train')}/{k}", v, self.step)
+
+    def _open_tensorboard(self):
+        """--tensorboard: a SummaryWriter in <run>/tb when the tensorboard package is there (never a dependency)."""
+        self.tb = None
+        if self.cfg.tensorboard and self.dist.main:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                tqdm.write("--tensorboard: the tensorboard package is not installed (pip install tensorboard); "
+                           "metrics.jsonl and curves.png are written as always")
+                return
+            self.tb = SummaryWriter(os.path.join(self.run_dir, "tb"))
 
     @contextlib.contextmanager
     def _unsharded_root(self):
@@ -776,14 +900,35 @@ class Trainer:
         self.log({"event": "end", "wall_s": wall, "skipped_samples": tally.skipped, "samples_read": tally.read,
                   "skipped_by_kind": dict(tally.kinds), "nonfinite_steps": self.bad_total, **counters, **metrics})
         if d.main:
-            draw.curves(self.metrics_path, os.path.join(self.run_dir, "curves.png"), cfg.name)
+            if not cfg.eval_only:
+                draw.curves(self.metrics_path, os.path.join(self.run_dir, "curves.png"), cfg.name)
+            if self.tb is not None:
+                self.tb.close()
             extra = "".join(f"; {k} {v}" for k, v in counters.items())
-            tqdm.write(f"done: {what} in {wall / 60:.1f} min; {tally.summary()}{extra}; outputs in {self.run_dir}/ "
-                       f"(metrics.jsonl, ckpt.pt, curves.png)")
+            data = "" if cfg.eval_only else f"; {tally.summary()}{extra}"
+            tqdm.write(f"done: {what} in {wall / 60:.1f} min{data}; wrote {self.written()}")
             if tally.share() > 0.05:
                 tqdm.write(f"WARNING: {tally.share():.1%} of the training samples read were skipped "
                            f"({tally.summary()}); first reasons: {'; '.join(tally.examples[:3])}. Check --data")
         return metrics
+
+    def written(self) -> str:
+        """Every file this run wrote in its folder (and the --export file), for the closing line."""
+        names = sorted(f for f in os.listdir(self.run_dir) if f != "lock" and
+                       os.path.getmtime(os.path.join(self.run_dir, f)) >= self.t_created - 1)
+        out = f"{self.run_dir}/{{{', '.join(names)}}}" if names else f"nothing in {self.run_dir}/"
+        return out + (f" and {self.cfg.export}" if self.cfg.export else "")
+
+    def evaluate_only(self) -> dict:
+        """--eval_only: the task's evaluation and pictures on --eval_data; no step, no checkpoint."""
+        t_start = time.time()
+        try:
+            metrics = self.evaluate(final=True)
+            if self.cfg.export:
+                self.export()
+            return self._finish(t_start, metrics, "evaluated")
+        finally:
+            self.lock.release()
 
     def fit_directly(self) -> dict:
         """A task that is not a loop of optimiser steps (trains_by_steps = False, e.g. the linear probe's
@@ -795,23 +940,31 @@ class Trainer:
                 self.step = self.total_steps = 1
                 self.log({"loss": loss, **logs})
                 self.save()
-            return self._finish(t_start, self.evaluate(final=True), "fitted")
+            metrics = self.evaluate(final=True)
+            self.export()
+            return self._finish(t_start, metrics, "fitted")
         finally:
             self.lock.release()
 
     def fit(self) -> dict:
+        self._open_tensorboard()
+        if self.cfg.eval_only:
+            return self.evaluate_only()
         if not self.task.trains_by_steps:
             return self.fit_directly()
         cfg, d = self.cfg, self.dist
+        # a terminal gets the tqdm bar; a log file (a cluster job, a pipe) gets a plain line every --log_every
+        lines = d.main and cfg.progress and not (sys.stdout.isatty() and sys.stderr.isatty())
         old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         t_start = time.time()
         deadline = t_start + cfg.max_minutes * 60 if cfg.max_minutes > 0 else None
         eval_cost = 0.0
         batches = self.batches()
-        bar = tqdm(total=self.total_steps, initial=self.step, disable=not (d.main and cfg.progress),
+        bar = tqdm(total=self.total_steps, initial=self.step, disable=not (d.main and cfg.progress) or lines,
                    dynamic_ncols=True, desc=cfg.name)
         t_window, n_window = time.time(), 0
         timed_from, timed_t0 = None, None
+        start = self.step
 
         def every(n: int) -> bool:  # an interval of 0 is off
             return n > 0 and self.step % n == 0
@@ -836,6 +989,10 @@ class Trainer:
                     self.total_steps = min(cfg.max_steps, max(fit, self.step + 1))
                     bar.total = self.total_steps
                     self.log({"event": "schedule", "total_steps": self.total_steps, "per_step_s": per_step})
+                    if d.main and self.total_steps < cfg.max_steps:
+                        tqdm.write(f"--max_minutes {cfg.max_minutes:g}: {per_step:.2f} s per step, so the schedule ends "
+                                   f"at step {self.total_steps} of --max_steps {cfg.max_steps} "
+                                   f"(--max_minutes 0 runs them all)")
                 if every(cfg.log_every) or (cfg.log_every and self.step == self.total_steps):
                     sps = n_window * cfg.batch_size / max(1e-9, time.time() - t_window)
                     lr = self.optimizer.param_groups[0]["lr"]
@@ -843,6 +1000,11 @@ class Trainer:
                               **logs})
                     bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", samples_s=f"{sps:.0f}",
                                     skipped=self.tally.skipped)
+                    if lines:
+                        eta = (self.total_steps - self.step) * (time.time() - t_start) / max(1, self.step - start)
+                        tqdm.write(f"{cfg.name} step {self.step}/{self.total_steps}  loss {loss:.4f}  lr {lr:.2e}  "
+                                   f"samples/s {sps:.0f}  skipped {self.tally.skipped}  eta {eta / 60:.1f} min",
+                                   file=sys.stdout)
                     t_window, n_window = time.time(), 0
                 out_of_time = deadline is not None and time.time() >= deadline
                 done = self.step >= self.total_steps or out_of_time or self.stop_requested
@@ -857,7 +1019,9 @@ class Trainer:
             if self.stop_requested:
                 self.log({"event": "stopped", "reason": "signal", "signal": int(self.stopped_by)})
                 return {}
-            return self._finish(t_start, self.evaluate(final=True), f"{self.step} steps")
+            metrics = self.evaluate(final=True)
+            self.export()
+            return self._finish(t_start, metrics, f"{self.step} steps")
         finally:
             bar.close()
             for s, h in old.items():

@@ -13,6 +13,8 @@ A bad sample comes back as None, after its dataset set `last_skip = (kind, messa
 """
 from __future__ import annotations
 
+import torch
+
 from meter import soft_target, vqa_score  # the paper's VQA soft scores (meter.py), re-exported for data users
 
 from .formats import (SKIP_KINDS, CocoDetection, DataFormatError, ImageFolder, ImageTextFile, TarShards, VideoClips,
@@ -100,7 +102,30 @@ def build_dataset(spec: str, split: str = "train", img_size: int = 64, task: str
     return VideoClips(args[0], *args[1:2], img_size=img_size, split=split, **options)
 
 
-__all__ = ["build_dataset", "parse_spec", "make_loader", "Loader", "collate", "collate_image_text",
+def holdout_rows(n: int, size: int) -> list[int]:
+    """`size` rows (at most a tenth of n, at least 1) spread evenly over rows 0 … n−1: a held-out slice that is
+    the same in every run and after a resume, and samples the whole file (a file sorted by class or source
+    would bias a slice taken from its end)."""
+    k = max(1, min(size, n // 10))
+    return [i * n // k for i in range(k)]
+
+
+class Rows(torch.utils.data.Dataset):
+    """The rows `index` of a map-style dataset, renumbered 0 … len−1 (a held-out slice, or the rest), with the
+    dataset's class names."""
+
+    def __init__(self, ds, index):
+        self.ds, self.index = ds, list(index)
+        self.classes = getattr(ds, "classes", None)
+
+    def __len__(self):
+        return len(self.index)
+
+    def __getitem__(self, i):
+        return self.ds[self.index[i]]
+
+
+__all__ = ["holdout_rows", "Rows", "build_dataset", "parse_spec", "make_loader", "Loader", "collate", "collate_image_text",
            "collate_detection", "collate_vqa", "collate_video", "ShapesText", "ShapesDetection", "ShapesVQA",
            "MovingShapes", "ImageTextFile", "TarShards", "ImageFolder", "CocoDetection", "VQAv2", "VideoClips",
            "DataFormatError", "SKIP_KINDS", "load_image", "write_shards", "expand_shards", "normalize_answer", "vqa_score", "soft_target",

@@ -65,7 +65,9 @@ class Task:
     init_from(model, ckpt, path)         --init_from: default = every weight, window tables resized;
                                          adapters override it to take the towers of a pretraining run
     defaults                             {field: value} used where neither --config nor a flag sets the
-                                         field (e.g. --task video's clip size and schedule)
+                                         field (e.g. --task video's lr and schedule length)
+    demo_defaults                        the same, applied only to the CPU demo (--preset toy on synthetic
+                                         data): the time budgets and image sizes fitted to a CPU run
     resolve_config(cfg, source) → cfg    (class method) fill fields that depend on the checkpoint the run
                                          resumes or starts from (pretrain: --stage 0 → that run's stage)
     img_scale                            --img_size 0 means the preset's pretraining size × this
@@ -74,6 +76,7 @@ class Task:
     """
     name = "base"
     defaults: dict = {}
+    demo_defaults: dict = {}
     img_scale = 1
     trains_by_steps = True
 

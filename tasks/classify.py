@@ -393,8 +393,9 @@ class ClassifyTask(ClassTask):
         batch_size=64, warmup_steps=40,
         lr=3e-4,  # half pretraining's: the head starts as the zero-shot classifier, not from scratch
         weight_decay=0.05,  # BEiT / SimMIM fine-tuning practice
-        max_steps=1200, max_minutes=4.0,  # the toy fine-tune: ShapesText at the pretraining's size, a 4-minute cap
+        max_steps=1200,  # the toy fine-tune: ShapesText at the pretraining's size
         eval_every=300, eval_size=1000, ckpt_every=300)  # runs: docs/EXPERIMENTS.md, classify
+    demo_defaults = dict(max_minutes=4.0)  # --preset toy on synthetic data only: a 4-minute CPU cap
 
     def __init__(self, cfg, d):
         if not 0.0 < cfg.layer_decay <= 1.0:

@@ -48,11 +48,13 @@ class DetectTask(Task):
     metrics = ("det_map", "det_map50")
     PROMPT = "a photo of a {}."
     defaults = dict(
-        img_size=64,  # 64² ShapesDetection: objects of 8–19 px, enough for the toy head's strides 4–16
         batch_size=32, lr=1e-3, warmup_steps=50,  # a fresh head on pretrained towers takes a larger lr
         weight_decay=0.05,  # DyHead / ATSS practice for detection fine-tuning
-        max_steps=3000, max_minutes=12.0,  # the schedule fitted to a 12-minute CPU run (docs/EXPERIMENTS.md, detect)
+        max_steps=3000,
         eval_every=500, eval_size=500, ckpt_every=500)  # mAP over 500 held-out images costs about a minute
+    demo_defaults = dict(  # --preset toy on synthetic data only (docs/EXPERIMENTS.md, detect)
+        img_size=64,  # 64² ShapesDetection: objects of 8–19 px, enough for the toy head's strides 4–16
+        max_minutes=12.0)  # the schedule fitted to a 12-minute CPU run
 
     def __init__(self, cfg, d):
         super().__init__(cfg, d)
@@ -163,7 +165,8 @@ class DetectTask(Task):
         return {"bad_boxes": self.bad_boxes}
 
     def state_dict(self):
-        return {**self.tokenizer_state(), "towers": self.towers}
+        return {**self.tokenizer_state(), "towers": self.towers, "classes": list(self.seen),  # for florence.load
+                "zero_shot_classes": list(self.zero_shot)}
 
     def load_state_dict(self, sd):
         self.load_tokenizer(sd)

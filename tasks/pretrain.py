@@ -65,11 +65,38 @@ class PretrainTask(Task):
     def __init__(self, cfg, d):
         super().__init__(cfg, d)
         self._train = build_data(cfg.data, "train", cfg, "pretrain", "image-text")
+        self._eval = None
+        if cfg.eval_data == "holdout":
+            self._hold_out()
         if cfg.stage == 2:
             self._train = stage2_data(self._train, cfg.data, d)
-        self._eval = None
 
     # -- data ------------------------------------------------------------------------------------------
+    def _hold_out(self):
+        """--eval_data holdout (the default for file data): evenly spaced rows of --data, read without
+        augmentation, are the held-out set, and training never sees them; their numbers go to
+        <run>/holdout_rows.json."""
+        cfg = self.cfg
+        if isinstance(self._train, IterableDataset):
+            raise SystemExit(f"train.py: --data {cfg.data!r} is a stream, so no rows can be held out of it; give a "
+                             "held-out set with --eval_data (e.g. shards:OTHER_DIR or folder:DIR)")
+        rows = data.holdout_rows(len(self._train), cfg.eval_size)
+        if len(rows) == len(self._train):
+            raise SystemExit(f"train.py: --data {cfg.data!r} has {len(self._train)} rows, too few to hold some out; "
+                             "give a held-out set with --eval_data")
+        held = set(rows)
+        self._eval = data.Rows(build_data(cfg.data, "val", cfg, "pretrain", "held-out"), rows)
+        self._train = data.Rows(self._train, [i for i in range(len(self._train)) if i not in held])
+        if self.dist.main:
+            run_dir = os.path.join(cfg.out_dir, cfg.name)
+            os.makedirs(run_dir, exist_ok=True)
+            with open(os.path.join(run_dir, "holdout_rows.json"), "w") as fh:
+                json.dump({"data": cfg.data, "rows": rows}, fh)
+            n = len(self._train) + len(rows)
+            tqdm.write(f"held out for evaluation: {len(rows)} of the {n} rows of --data {cfg.data}, evenly spaced "
+                       f"(rows {', '.join(map(str, rows[:3]))}, …; all in {run_dir}/holdout_rows.json); training "
+                       f"uses the other {len(self._train)}")
+
     def eval_dataset(self):
         if self._eval is None:
             cfg = self.cfg
@@ -81,14 +108,15 @@ class PretrainTask(Task):
         return data.collate_image_text(samples)
 
     def check_eval(self):
-        self.class_names()  # builds the held-out set; zero-shot evaluation needs its class names
+        """Builds the held-out set now. Without class names (captions only) zero-shot top-1 is not measured,
+        retrieval is: said once."""
+        if not self.class_names() and self.dist.main:
+            tqdm.write(f"--eval_data {self.cfg.eval_data!r} has captions but no class names: evaluation measures "
+                       "image↔text retrieval only (zero-shot needs classes: --eval_data folder:DIR, one subfolder "
+                       "per class)")
 
     def class_names(self) -> list[str]:
-        classes = getattr(self.eval_dataset(), "classes", None)
-        if not classes:
-            raise SystemExit(f"train.py: --eval_data {self.cfg.eval_data!r} has no class names for zero-shot "
-                             "evaluation; use synthetic or folder:DIR (one subfolder per class)")
-        return list(classes)
+        return list(getattr(self.eval_dataset(), "classes", None) or [])
 
     def _corpus(self) -> list[str]:
         """Texts to learn BPE merges from: captions of the training set, plus the prompts of the classes."""
@@ -224,10 +252,10 @@ class PretrainTask(Task):
     def evaluate(self, model, step):
         with eval_mode(model):
             u, v, labels, _, texts = self.embed_eval(model, self.cfg.eval_size)
-            W = unicl.zero_shot_classifier(model, self.tokenizer, self.class_names(),
-                                           context_length=self.context_length).float().cpu()  # (D, K)
             out = {}
-            if (labels >= 0).any():
+            if self.class_names() and (labels >= 0).any():
+                W = unicl.zero_shot_classifier(model, self.tokenizer, self.class_names(),
+                                               context_length=self.context_length).float().cpu()  # (D, K)
                 ok = labels >= 0
                 top1, top5 = unicl.accuracy(u[ok] @ W, labels[ok], topk=(1, 5))
                 out.update(zeroshot_top1=top1, zeroshot_top5=top5)
@@ -236,11 +264,16 @@ class PretrainTask(Task):
 
     @torch.no_grad()
     def visualise(self, model, run_dir):
-        """predictions.png: held-out images with their top-3 zero-shot classes (green = correct)."""
+        """predictions.png: held-out images with their top-3 zero-shot classes (green = correct); without class
+        names, their top-3 captions retrieved among the held-out ones (green = the image's own caption)."""
         with eval_mode(model):
             names = self.class_names()
-            u, _, labels, images, _ = self.embed_eval(model, 16)
-            W = unicl.zero_shot_classifier(model, self.tokenizer, names, context_length=self.context_length).float().cpu()
+            u, v, labels, images, texts = self.embed_eval(model, 16 if names else 256)
+            if names:
+                W = unicl.zero_shot_classifier(model, self.tokenizer, names,
+                                               context_length=self.context_length).float().cpu()
+            else:  # retrieval: the candidates are the held-out captions, image i's own is caption i
+                W, names, labels = v.T, texts, torch.arange(len(texts))
             probs = (float(model.scale()) * u @ W).softmax(-1)
         if not self.dist.main:
             return None
@@ -262,6 +295,8 @@ def sample_text(ds, i: int) -> str | None:
     if isinstance(ds, Stage2Data):
         j = ds.source(i)
         return None if j is None else sample_text(ds.ds, j)
+    if isinstance(ds, data.Rows):
+        return sample_text(ds.ds, ds.index[i])
     if hasattr(ds, "scene"):
         return ds.scene(i)["text"]
     if hasattr(ds, "caption"):

@@ -38,11 +38,14 @@ class VideoTask(Task):
     name = "video"
 
     defaults = dict(
-        img_size=32, batch_size=32,  # 32² clips of 8 frames: 4 × 8 × 8 tokens at stage 1, minutes on a CPU
+        batch_size=32,
         lr=1e-4, warmup_steps=50,  # larger lrs sat at chance: the motion signal is small next to Adam's noise
         weight_decay=0.05,  # Video Swin's
-        max_steps=2500, max_minutes=9.0,  # 2,500 steps capped by a 9-minute CPU budget
+        max_steps=2500,
         eval_every=250, eval_size=500, ckpt_every=250)
+    demo_defaults = dict(  # --preset toy on synthetic data only
+        img_size=32,  # 32² clips of 8 frames: 4 × 8 × 8 tokens at stage 1, minutes on a CPU
+        max_minutes=9.0)  # 2,500 steps capped by a 9-minute CPU budget
     inputs = ("clip", "middle_frame")
     # the tower of a Video CoSwin built from scratch, per --preset (else the preset's own image tower): the toy
     # run keeps CoSwin-toy, the width the video defaults above were fitted with
@@ -113,6 +116,9 @@ class VideoTask(Task):
         """A --task video checkpoint (a pretraining one was inflated in build_model): every weight, same shapes."""
         check_compatible(model.state_dict(), ckpt["model"], path)
         model.load_state_dict(ckpt["model"])
+
+    def state_dict(self):
+        return {"classes": list(self.classes)}  # the names of the classifier's rows, for florence.load
 
     def fsdp_wrap_classes(self):
         return {coswin.SwinBlock, video_coswin.SwinBlock3D}

@@ -203,8 +203,9 @@ class ITMMLMTask(MeterTask):
     defaults = dict(
         batch_size=64, lr=5e-4, warmup_steps=50,  # a fresh fusion on pretrained towers
         weight_decay=0.01,  # METER's
-        max_steps=600, max_minutes=10.0,  # a 10-minute CPU schedule: the fusion learns ITM well before MLM
+        max_steps=600,
         eval_every=200, eval_size=500, ckpt_every=200)
+    demo_defaults = dict(max_minutes=10.0)  # toy on synthetic: a 10-minute CPU schedule (ITM learns well before MLM)
 
     def collate(self, samples):
         return data.collate_image_text(samples)
@@ -306,10 +307,11 @@ class VQATask(MeterTask):
         batch_size=64, warmup_steps=50,
         lr=1e-3,  # the fusion's; the towers train at --tower_lr 0.2 of it (METER's ratio)
         weight_decay=0.01,  # METER's
-        max_steps=5000, max_minutes=14.0,  # a 14-minute CPU schedule; 12 minutes fell just short of 0.85
+        max_steps=5000,
         eval_every=200, eval_size=1000, ckpt_every=200,
         image_frozen_stages=2,  # stem + stages 1-2 frozen: no backward at the costly resolutions
         vqa_questions=5)  # five questions per training image: the tower, most of a step, runs once for all
+    demo_defaults = dict(max_minutes=14.0)  # toy on synthetic: a 14-minute CPU schedule (12 fell just short of 0.85)
 
     def __init__(self, cfg, d):
         if cfg.vqa_questions < 1:

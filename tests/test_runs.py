@@ -232,10 +232,12 @@ def test_numeric_flags_are_range_checked_with_one_sentence(flag, value, rule):
         parse_config([f"--{flag}", value])
 
 
-def test_a_bad_held_out_set_fails_before_the_first_step(tmp_path, shapes):
+def test_a_held_out_set_without_classes_is_said_before_the_first_step(tmp_path, shapes, capsys):
     spec = write_csv(tmp_path, shapes, n=16)
-    with pytest.raises(SystemExit, match="has no class names for zero-shot evaluation"):
-        make_trainer(tmp_path, "--eval_data", spec, name="early")  # a CSV has no classes: said at once
+    make_trainer(tmp_path, "--eval_data", spec, name="early")  # a CSV has no classes: said at once
+    assert "has captions but no class names: evaluation measures image↔text retrieval only" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="cannot build the held-out data"):
+        make_trainer(tmp_path, "--eval_data", f"csv:{tmp_path}/missing.tsv", name="early2")
 
 
 def test_a_two_class_folder_evaluates_draws_and_ends(tmp_path, shapes):

@@ -233,3 +233,26 @@ def test_torchrun_refuses_a_finished_run_on_every_rank(tmp_path):
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
                         *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode != 0 and "already holds a run" in p.stdout + p.stderr
+
+
+def test_gradient_buckets_cover_every_parameter_once_in_a_handful_of_collectives(tmp_path):
+    import torch.distributed as dist
+
+    import unicl
+
+    with torch.device("meta"):
+        big = [p for p in unicl.build("florence").parameters() if p.requires_grad]
+    buckets = train.grad_buckets(big, 25 * 2 ** 20)
+    assert [p for b in buckets for p in b] == big  # each parameter once, in order
+    assert all(sum(p.numel() * 4 for p in b) <= 25 * 2 ** 20 or len(b) == 1 for b in buckets)
+    # the averaging itself, on a one-process group: values unchanged, a missing gradient becomes zeros
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    try:
+        ps = [torch.nn.Parameter(torch.randn(n)) for n in (3, 5, 7)]
+        for p in ps[:2]:
+            p.grad = torch.randn_like(p)
+        want = [p.grad.clone() for p in ps[:2]]
+        assert train.all_reduce_mean(ps) == 1
+        assert all(torch.equal(p.grad, w) for p, w in zip(ps, want)) and torch.equal(ps[2].grad, torch.zeros(7))
+    finally:
+        dist.destroy_process_group()

@@ -179,3 +179,14 @@ def test_tensorboard_without_the_package_is_said_and_the_run_goes_on(tmp_path, c
     monkeypatch.setattr(builtins, "__import__", no_tensorboard)
     t, _ = run(tmp_path, "--max_steps", "1", "--tensorboard", name="tb")
     assert "tensorboard package is not installed" in capsys.readouterr().out and t.step == 1
+
+
+@pytest.mark.parametrize("task", ["itm_mlm", "vqa", "detect", "classify"])
+def test_every_adapter_says_where_it_started(runs, tmp_path, capsys, task):
+    root, _ = runs
+    cfg = train.resolved(train.parse_config(FAST + ["--task", task, "--init_from", str(root / "runs" / "pretrain-toy" /
+                                                                                          "ckpt.pt"),
+                                                    "--out_dir", str(tmp_path), "--det_channels", "16"]))
+    t = train.Trainer(cfg, train.setup_distributed(cfg))
+    t.lock.release()
+    assert "runs/pretrain-toy/ckpt.pt (a --task pretrain checkpoint at step 4)" in capsys.readouterr().out

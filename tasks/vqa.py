@@ -406,8 +406,9 @@ class VQATask(MeterTask):
         return out
 
     def visualise(self, model, run_dir):
-        """predictions.png: held-out images with the question, the predicted answer (its probability and soft
-        score; green when it scores) and the annotators' best answer."""
+        """predictions.png: held-out images with the whole question (draw.captioned_grid wraps it at spaces to
+        the tile's width), the predicted answer (its probability and soft score; green when it scores) and
+        the annotators' best answer."""
         probs, targets, _, questions, images = self.predict(model, 12)
         if not self.dist.main:
             return None
@@ -417,9 +418,7 @@ class VQATask(MeterTask):
             p, k = probs[i].max(-1)
             true = int(targets[i].argmax())
             score = float(targets[i, k])
-            q = questions[i]
-            cut = q.rfind(" ", 0, 28) if len(q) > 28 else len(q)
-            captions.append([(q[:cut], draw.BLACK), (q[cut:].strip()[:28], draw.BLACK),
+            captions.append([(questions[i], draw.BLACK),
                              (f"pred: {self.answers[int(k)]} {float(p):.0%} (score {score:.1f})",
                               draw.GREEN if score > 0 else draw.RED),
                              (f"true: {self.answers[true]}" if targets[i].max() > 0 else "true: (not in the vocabulary)",

@@ -242,8 +242,9 @@ class WindowAttention(nn.Module):
 
     The bias table has (2M−1)² rows × heads (trunc-normal, std .02); `relative_position_index` picks
     the (heads, M², M²) bias B for a window. Two paths compute the same thing:
-      fused: F.scaled_dot_product_attention with B (+ mask) as a float attn_mask;
-      plain: softmax(q kᵀ · d^−½ + B + mask) v, written out (kept for readers and tests).
+      fused: F.scaled_dot_product_attention with B (+ mask) as a float attn_mask — except on CPU when
+             B needs a gradient (training), where SDPA has no fused kernel and the plain math is faster;
+      plain: softmax(q·d^−½ kᵀ + B + mask) v, written out (kept for readers and tests).
     The index for each effective window size is cached (no recomputation per forward).
     """
 
@@ -275,24 +276,29 @@ class WindowAttention(nn.Module):
     def forward(self, x: torch.Tensor, nW: int, M: int, mask: torch.Tensor | None = None) -> torch.Tensor:
         """x: (B·nW, N, C) windows of N = M² tokens, grouped by image; mask: (nW, N, N) or None."""
         BnW, N, C = x.shape
-        qkv = rearrange(self.qkv(x), "(b w) n (three h d) -> three b (w h) n d", w=nW, three=3, h=self.num_heads)
-        q, k, v = qkv.unbind(0)  # each (B, nW·heads, N, d): windows folded into the head axis
-        bias = self.relative_bias(M)[None]  # (1, heads, N, N)
+        B, h = BnW // nW, self.num_heads
+        # q, k, v: (B·nW, heads, N, d) views of the projection (chunk's backward writes one (B·nW, N, 3C) grad)
+        q, k, v = (rearrange(t, "bw n (h d) -> bw h n d", h=h) for t in self.qkv(x).chunk(3, dim=-1))
+        bias = self.relative_bias(M)  # (heads, N, N): the same in every window, broadcast, never expanded
         if mask is not None:
             bias = bias + mask[:, None].to(bias.dtype)  # (nW, heads, N, N)
-        else:
-            bias = bias.expand(nW, -1, -1, -1)
-        bias = bias.reshape(1, nW * self.num_heads, N, N)  # broadcasts over the images of the batch
         drop = self.attn_drop if self.training else 0.0
-        if self.fused:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), dropout_p=drop)
+        # On CPU a bias that needs a gradient sends SDPA to its unfused math (two scalings, a "safe" softmax):
+        # the plain math below is faster there (docs/PERFORMANCE.md), so fused means SDPA where it pays.
+        if self.fused and not (x.device.type == "cpu" and bias.requires_grad):
+            if mask is not None:  # windows folded into the heads, so the (nW·heads) bias broadcasts over B
+                q, k, v = (t.reshape(B, nW * h, N, -1) for t in (q, k, v))
+            bias = bias.reshape(1, -1, N, N)  # a 4-D mask: the CPU flash kernel takes no 3-D one
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), dropout_p=drop, scale=self.scale)
+            out = out.reshape(BnW, h, N, -1)
         else:
-            attn = (q @ k.transpose(-2, -1)) * self.scale + bias
+            attn = (q * self.scale) @ k.transpose(-2, -1)  # (B·nW, heads, N, N); the scale costs N·d, not N²
+            attn = (attn.view(B, -1, h, N, N) + bias).view(BnW, h, N, N)  # bias broadcast over B (and windows)
             attn = attn.float().softmax(dim=-1).to(v.dtype)  # softmax in fp32
             if self.keep_attn:
-                self.last_attn = attn.detach()
+                self.last_attn = attn.detach().view(B, nW * h, N, N)
             out = F.dropout(attn, drop) @ v
-        out = rearrange(out, "b (w h) n d -> (b w) n (h d)", w=nW)
+        out = rearrange(out, "bw h n d -> bw n (h d)")
         return self.proj_drop(self.proj(out))
 
 
@@ -331,8 +337,14 @@ class SwinBlock(nn.Module):
 
     `shift` is ⌊M/2⌋ on odd blocks, 0 on even ones. When the map is no larger than the window
     (min(H, W) ≤ M) the window shrinks to min(H, W) and the shift is dropped, as Swin does. H and W are
-    zero-padded to window multiples after the first norm; padded tokens are masked out as keys, so they
-    never change a real token's output, and are cropped away afterwards.
+    zero-padded to window multiples after the first norm (only when they are not multiples already);
+    padded tokens are masked out as keys, so they never change a real token's output, and are cropped
+    away afterwards.
+
+    `gather_windows` (default True): the cyclic shift and the window partition are one `index_select`
+    with a cached token order, and its inverse undoes both (torch.roll copies the map twice on CPU). False
+    runs the reference, torch.roll + window_partition / window_reverse + torch.roll; both are tested equal.
+    Masks and token orders are cached per stage (`Stage` gives its blocks one cache).
     """
 
     def __init__(self, dim: int, num_heads: int, window_size: int, shift: int, mlp_ratio: float = 4.0,
@@ -345,7 +357,8 @@ class SwinBlock(nn.Module):
         self.drop_path = DropPath(drop_path)
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), drop)
-        self._mask_cache: dict = {}
+        self.gather_windows = True
+        self._mask_cache: dict = {}  # masks and token orders by size; shared by the blocks of a Stage
 
     def window_and_shift(self, H: int, W: int) -> tuple[int, int]:
         if min(H, W) <= self.window_size:
@@ -353,28 +366,45 @@ class SwinBlock(nn.Module):
         return self.window_size, self.shift
 
     def attn_mask(self, H: int, W: int, M: int, shift: int, device) -> torch.Tensor | None:
-        key = (H, W, M, shift, device)
+        key = ("mask", H, W, M, shift, device)
         if key not in self._mask_cache:
             m = shifted_window_mask(H, W, M, shift)
             self._mask_cache[key] = None if m is None else m.to(device)
         return self._mask_cache[key]
 
+    def window_order(self, Hp: int, Wp: int, M: int, shift: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(order, inverse), each (Hp·Wp,) long: token t of the shifted, partitioned (Hp, Wp) map is token
+        order[t] of the map (row-major), and inverse[order[t]] = t. Computed by the reference ops on indices."""
+        key = ("order", Hp, Wp, M, shift, device)
+        if key not in self._mask_cache:
+            pos = torch.arange(Hp * Wp).view(1, Hp, Wp, 1)
+            order = window_partition(torch.roll(pos, shifts=(-shift, -shift), dims=(1, 2)), M).flatten()
+            self._mask_cache[key] = order.to(device), torch.argsort(order).to(device)
+        return self._mask_cache[key]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, H, W, C = x.shape
         M, s = self.window_and_shift(H, W)
+        Hp, Wp = H + -H % M, W + -W % M
+        nW = (Hp // M) * (Wp // M)
         shortcut = x
         x = self.norm1(x)
-        x = F.pad(x, (0, 0, 0, -W % M, 0, -H % M))  # (B, Hp, Wp, C)
-        Hp, Wp = x.shape[1:3]
-        if s:
-            x = torch.roll(x, shifts=(-s, -s), dims=(1, 2))
-        windows = window_partition(x, M)  # (B·nW, M², C)
-        nW = (Hp // M) * (Wp // M)
+        if (Hp, Wp) != (H, W):
+            x = F.pad(x, (0, 0, 0, Wp - W, 0, Hp - H))  # (B, Hp, Wp, C)
+        if self.gather_windows:
+            order, inverse = self.window_order(Hp, Wp, M, s, x.device)
+            windows = x.reshape(B, Hp * Wp, C).index_select(1, order).view(B * nW, M * M, C)
+        else:
+            windows = window_partition(torch.roll(x, shifts=(-s, -s), dims=(1, 2)) if s else x, M)  # (B·nW, M², C)
         windows = self.attn(windows, nW, M, self.attn_mask(H, W, M, s, x.device))
-        x = window_reverse(windows, M, Hp, Wp)
-        if s:
-            x = torch.roll(x, shifts=(s, s), dims=(1, 2))
-        x = shortcut + self.drop_path(x[:, :H, :W])
+        if self.gather_windows:
+            x = windows.reshape(B, Hp * Wp, C).index_select(1, inverse).view(B, Hp, Wp, C)
+        else:
+            x = window_reverse(windows, M, Hp, Wp)
+            x = torch.roll(x, shifts=(s, s), dims=(1, 2)) if s else x
+        if (Hp, Wp) != (H, W):
+            x = x[:, :H, :W]
+        x = shortcut + self.drop_path(x)
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
@@ -388,6 +418,9 @@ class Stage(nn.Module):
             SwinBlock(dim, num_heads, window_size, 0 if i % 2 == 0 else window_size // 2, cfg.mlp_ratio,
                       cfg.qkv_bias, cfg.drop_rate, cfg.attn_drop_rate, drop_path[i], cfg.fused_attn)
             for i in range(depth)])
+        cache: dict = {}  # one mask and token order per map size for the whole stage
+        for blk in self.blocks:
+            blk._mask_cache = cache
         self.downsample = downsample
         self.grad_checkpointing = cfg.grad_checkpointing
 
@@ -544,7 +577,89 @@ def resize_window(model_or_state_dict, new_window: int):
     return out
 
 
+# Public Swin checkpoints: the official layout (microsoft/Swin-Transformer) and timm's, into Swin or CoSwin.
+#
+# Followed for the layouts (read, not copied): microsoft/Swin-Transformer models/swin_transformer.py (each
+# stage's PatchMerging is `layers.i.downsample`, the classifier `head`) and huggingface/pytorch-image-models
+# timm/models/swin_transformer.py `checkpoint_filter_fn` (timm ≥ 0.9 moves the merging to the start of the
+# next stage, `layers.{i+1}.downsample`, and the classifier to `head.fc`; its 2×2 concatenation has the
+# official x0, x1, x2, x3 order). Both store buffers (relative_position_index, attn_mask) recomputed here.
+
 _SWIN_BUFFERS = ("relative_position_index", "attn_mask", "relative_coords_table")
+
+# safetensors' dtype names (huggingface/safetensors docs, "format"): the header is JSON, then raw bytes
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                       "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def _read_safetensors(path: str) -> dict:
+    """A .safetensors file → {name: tensor}: 8 bytes little-endian header length, a JSON header of
+    {name: {dtype, shape, data_offsets}}, then the little-endian tensor bytes. No code is run."""
+    import json
+
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+        blob = f.read()
+    out = {}
+    for name, meta in header.items():
+        if name == "__metadata__":
+            continue
+        a, b = meta["data_offsets"]
+        dtype = _SAFETENSORS_DTYPES[meta["dtype"]]
+        flat = torch.frombuffer(bytearray(blob[a:b]), dtype=dtype) if b > a else torch.empty(0, dtype=dtype)
+        out[name] = flat.reshape(meta["shape"])
+    return out
+
+
+def _looks_like_safetensors(path: str) -> bool:
+    with open(path, "rb") as f:
+        head = f.read(10)
+    return len(head) == 10 and head[8:10] == b'{"' and int.from_bytes(head[:8], "little") < 1 << 30
+
+
+def read_state_dict(path_or_state_dict, what: str = "checkpoint") -> dict:
+    """A public checkpoint (a path or an already-loaded dict) → a flat {name: tensor} state dict.
+
+    Reads PyTorch files with torch.load(weights_only=True) (no pickled code runs) and .safetensors files
+    with a 20-line reader above; unwraps {'model': …} (official Swin), {'state_dict': …} (open_clip
+    training checkpoints) and a leading 'module.' (DDP). Used for both towers' public files (Swin here,
+    CLIP in text_encoder.load_clip_text). Raises ValueError naming the file and the fix."""
+    sd = path_or_state_dict
+    if not isinstance(sd, dict):
+        path = str(sd)
+        try:
+            if _looks_like_safetensors(path):
+                sd = _read_safetensors(path)
+            else:
+                import warnings
+
+                with warnings.catch_warnings():  # torch's note on TorchScript archives: the error below says it
+                    warnings.simplefilter("ignore", UserWarning)
+                    sd = torch.load(path, map_location="cpu", weights_only=True)
+        except FileNotFoundError:
+            raise ValueError(f"{what} {path!r} does not exist; check the path") from None
+        except RuntimeError as e:
+            if "TorchScript" not in str(e):
+                raise ValueError(f"cannot read {what} {path!r} ({type(e).__name__}); re-download it") from None
+            raise ValueError(
+                f"{what} {path!r} is a TorchScript archive (as OpenAI's CLIP .pt files), which cannot be read "
+                "without running its code; use the plain state dict (e.g. open_clip_pytorch_model.bin from "
+                "huggingface.co/timm/vit_base_patch32_clip_224.openai) or convert it once with: python -c "
+                f"\"import torch; torch.save(torch.jit.load('{path}', map_location='cpu').state_dict(), "
+                "'clip_state_dict.pt')\"") from None
+        except Exception as e:  # a truncated or non-torch file, a pickle with code in it
+            raise ValueError(f"cannot read {what} {path!r} ({type(e).__name__}); re-download it or pass a "
+                             "state dict") from None
+    if not isinstance(sd, dict):
+        raise ValueError(f"{what} holds a {type(sd).__name__}, not a state dict of tensors")
+    for wrapper in ("model", "state_dict"):
+        if wrapper in sd and isinstance(sd[wrapper], dict):
+            sd = sd[wrapper]
+    if sd and all(k.startswith("module.") for k in sd):
+        sd = {k[len("module."):]: v for k, v in sd.items()}
+    return sd
 
 
 def _strip_prefixes(sd: dict) -> dict:
@@ -554,8 +669,38 @@ def _strip_prefixes(sd: dict) -> dict:
     return sd
 
 
+def swin_layout(sd: dict) -> str:
+    """'official' (merging in `layers.i.downsample` of stages 0..n−2) or 'timm' (in stages 1..n−1,
+    classifier in `head.fc`). A one-stage model has no merging: read as official."""
+    sd = _strip_prefixes(sd)
+    merges = {int(k.split(".")[1]) for k in sd if k.startswith("layers.") and ".downsample." in k}
+    if "head.fc.weight" in sd or (merges and 0 not in merges):
+        return "timm"
+    return "official"
+
+
+def official_swin_state_dict(sd: dict) -> dict:
+    """A Swin state dict in either layout → the official key names, without the recomputed buffers."""
+    sd = _strip_prefixes(dict(sd))
+    timm = swin_layout(sd) == "timm"
+    out = {}
+    for k, v in sd.items():
+        if k.endswith(_SWIN_BUFFERS) or not isinstance(v, torch.Tensor):
+            continue
+        if timm:
+            parts = k.split(".")
+            if k.startswith("layers.") and len(parts) > 2 and parts[2] == "downsample":
+                parts[1] = str(int(parts[1]) - 1)  # timm: stage i+1 opens with the merge that ends stage i
+                k = ".".join(parts)
+            elif k.startswith("head.fc."):
+                k = "head." + k[len("head.fc."):]
+        out[k] = v
+    return out
+
+
 def swin_config_from_state_dict(sd: dict) -> CoSwinConfig:
-    """Read embed dim, depths, heads, window and classes off an official Swin state dict."""
+    """Read embed dim, depths, heads, window and classes off a Swin state dict (official or timm layout)."""
+    sd = official_swin_state_dict(sd)
     try:
         embed_dim = sd["patch_embed.proj.weight"].shape[0]
         n_layers = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("layers."))
@@ -563,33 +708,32 @@ def swin_config_from_state_dict(sd: dict) -> CoSwinConfig:
                        for i in range(n_layers))
         heads = tuple(sd[f"layers.{i}.blocks.0.attn.relative_position_bias_table"].shape[1] for i in range(n_layers))
         window = (math.isqrt(sd["layers.0.blocks.0.attn.relative_position_bias_table"].shape[0]) + 1) // 2
+        mlp_ratio = sd["layers.0.blocks.0.mlp.fc1.weight"].shape[0] / embed_dim
     except (KeyError, ValueError) as e:
         raise ValueError(f"this does not look like a Swin checkpoint (missing {e}); expected keys like "
                          "'patch_embed.proj.weight' and 'layers.0.blocks.0.attn.relative_position_bias_table'") from None
     num_classes = sd["head.weight"].shape[0] if "head.weight" in sd else 0
-    return CoSwinConfig(embed="patch", embed_dim=embed_dim, depths=depths, num_heads=heads,
-                        window_size=window, num_classes=num_classes, drop_path_rate=0.0)
+    return CoSwinConfig(embed="patch", embed_dim=embed_dim, depths=depths, num_heads=heads, window_size=window,
+                        mlp_ratio=mlp_ratio, num_classes=num_classes, drop_path_rate=0.0)
+
+
+def swin_size_name(cfg: CoSwinConfig) -> str:
+    """'Swin-T' / 'Swin-S' / 'Swin-B' / 'Swin-L' when the widths and depths are a published size, else the numbers."""
+    for name, letter in (("tiny", "T"), ("small", "S"), ("base", "B"), ("large", "L")):
+        p = PRESETS[name]
+        if (p.embed_dim, tuple(p.depths), tuple(p.num_heads)) == \
+                (cfg.embed_dim, tuple(cfg.depths), tuple(cfg.num_heads)):
+            return f"Swin-{letter}"
+    return f"Swin(C={cfg.embed_dim}, depths={tuple(cfg.depths)}, heads={tuple(cfg.num_heads)})"
 
 
 def load_swin_checkpoint(path_or_state_dict, model: CoSwin | None = None) -> CoSwin:
-    """Load an official microsoft/Swin-Transformer checkpoint (a path or a state dict, possibly wrapped
-    in {'model': ...}) into an `embed="patch"` CoSwin that computes the same function. Without `model`,
-    one is built from the shapes in the checkpoint. Returns the model; raises ValueError listing missing
-    or unexpected keys. (Official index/mask buffers are recomputed here and are ignored.)"""
-    sd = path_or_state_dict
-    if not isinstance(sd, dict):
-        try:
-            sd = torch.load(sd, map_location="cpu", weights_only=True)
-        except FileNotFoundError:
-            raise ValueError(f"Swin checkpoint {path_or_state_dict!r} does not exist; check the path") from None
-        except Exception as e:  # a truncated or non-torch file
-            raise ValueError(f"cannot read Swin checkpoint {path_or_state_dict!r} ({type(e).__name__}); "
-                             "re-download it or pass a state dict") from None
-    for wrapper in ("model", "state_dict"):
-        if wrapper in sd and isinstance(sd[wrapper], dict):
-            sd = sd[wrapper]
-    sd = _strip_prefixes(sd)
-    sd = {k: v for k, v in sd.items() if not k.endswith(_SWIN_BUFFERS)}
+    """Load an official microsoft/Swin-Transformer checkpoint (or timm's layout; a path or a state dict,
+    possibly wrapped in {'model': ...}) into an `embed="patch"` CoSwin that computes the same function.
+    Without `model`, one is built from the shapes in the checkpoint. Returns the model; raises ValueError
+    listing missing or unexpected keys. (Index/mask buffers are recomputed here and are ignored.)
+    For a CoSwin (`embed="conv"`), or a model of another window, use `load_swin_weights`."""
+    sd = official_swin_state_dict(read_state_dict(path_or_state_dict, "Swin checkpoint"))
     if model is None:
         model = CoSwin(swin_config_from_state_dict(sd))
     own = model.state_dict()
@@ -607,3 +751,127 @@ def load_swin_checkpoint(path_or_state_dict, model: CoSwin | None = None) -> CoS
                          f"{tuple(own[k].shape)} ({len(bad)} such keys); for a different window use resize_window")
     model.load_state_dict(sd)
     return model
+
+
+# -- Swin's patch embedding and patch merging as CoSwin's convolutions ----------------------------------
+
+
+def _patch_offset(conv: nn.Conv2d, patch: int) -> int:
+    """The first kernel row/column that sees input row s·i of output i (= the conv's padding), checked so
+    that a patch of `patch` rows starting there fits in the kernel."""
+    k, s, p = conv.kernel_size[0], conv.stride[0], conv.padding[0]
+    if s != patch or p + patch > k:
+        raise ValueError(f"a {k}×{k}/{s}/{p} conv cannot hold a {patch}×{patch}/{patch} patch map")
+    return p
+
+
+def swin_patch_embed_to_conv(weight: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+    """Swin's 4×4/4 patch-embedding kernel (C, 3, 4, 4) → CoSwin's 7×7/4/2 kernel (C, 3, 7, 7).
+
+    Output (i, j) of the 7×7/4/2 conv reads input rows 4i−2 … 4i+4, so kernel row 2 + d sees row 4i + d:
+    the 4×4 kernel goes to rows and columns 2–5, zeros elsewhere, and the conv computes exactly Swin's
+    patch map (the bias is the same). The grids agree when H and W are ≡ 0 or 3 (mod 4) (224, 384, any
+    multiple of 32): else the 7×7 conv has one row or column fewer than Swin's zero-padded grid."""
+    o = _patch_offset(conv, weight.shape[-1])
+    w = torch.zeros_like(conv.weight, dtype=weight.dtype)
+    w[:, :, o:o + weight.shape[-2], o:o + weight.shape[-1]] = weight
+    return w
+
+
+def swin_merging_to_conv(norm_weight, norm_bias, reduction, conv: nn.Conv2d) -> dict[str, torch.Tensor]:
+    """Swin's PatchMerging z = R·LN₄C([x0 x1 x2 x3]) → CoSwin's ConvMerging LN₂C(conv3×3/2/1(x)).
+
+    The conv's output (i, j) reads input rows 2i−1 … 2i+1, so kernel rows/columns 1–2 see the 2×2
+    neighbourhood: x0 (row +0, col +0) at [1, 1], x1 (+1, +0) at [2, 1], x2 (+0, +1) at [1, 2], x3 at [2, 2].
+    With x̂ = (x − μ)/σ the LayerNorm-ed concatenation, z = R·diag(γ)·x̂ + R·β. Centring is linear
+    (x − μ = P x, P = I − 11ᵀ/4C), so the kernel holds A = R·diag(γ)·P and, with a zero bias, the conv
+    computes exactly A x = σ·(z − Rβ). Only the division by σ (the neighbourhood's std) does not fit in a
+    conv, and CoSwin's LayerNorm after it removes any per-token scale anyway. So the merge outputs
+        s · standardise(z − Rβ) + Rβ        (standardised over the 2C channels of each token),
+    with its LayerNorm set to weight s·1 and bias Rβ (Swin's output for a zero input); s = ‖A‖_F / √2C
+    is the RMS z − Rβ has when x̂ is white. What stays different: Swin's z − Rβ keeps its own mean and
+    scale per token; CoSwin's is re-centred and scaled to s. Returns the ConvMerging's four tensors."""
+    norm_weight, norm_bias, reduction = (t.detach().float() for t in (norm_weight, norm_bias, reduction))
+    C4 = reduction.shape[1]
+    C, out = C4 // 4, reduction.shape[0]
+    A = reduction * norm_weight[None, :]  # R·diag(γ): (2C, 4C)
+    A = A - A.mean(dim=1, keepdim=True)  # ·P: LN's centring folded in
+    o = _patch_offset(conv, 2)
+    w = torch.zeros(out, C, *conv.kernel_size)
+    for k, (dh, dw) in enumerate(((0, 0), (1, 0), (0, 1), (1, 1))):  # x0, x1, x2, x3
+        w[:, :, o + dh, o + dw] = A[:, k * C:(k + 1) * C]
+    return {"proj.weight": w, "proj.bias": torch.zeros(out),
+            "norm.weight": torch.full((out,), float(A.norm() / math.sqrt(out))),
+            "norm.bias": reduction @ norm_bias}
+
+
+def load_swin_weights(path_or_state_dict, model: CoSwin) -> dict:
+    """Load a public Swin checkpoint (official or timm layout) into `model`, a Swin (`embed="patch"`) or a
+    CoSwin (`embed="conv"`) of the same widths, depths and heads. Returns the report
+    {"loaded": [keys as they are], "converted": {key: how}, "fresh": [keys left as built],
+     "ignored": [checkpoint keys not used]}.
+
+    - patch: every tensor as it is: the same function (tests/test_coswin.py, the official forward).
+    - conv: blocks, norms and bias tables as they are; the stem's 4×4 kernel inside the 7×7
+      (`swin_patch_embed_to_conv`: the same stem function) and each PatchMerging as a 3×3 conv with a
+      LayerNorm after it (`swin_merging_to_conv`: exact up to the per-token standardisation it says).
+    - a model of another window (224 ↔ 384): each bias table is resized bicubically (`resize_bias_table`).
+    - the classifier `head` loads when the model has one of the same size, else it is ignored.
+    Raises ValueError when the sizes differ (naming both)."""
+    raw = _strip_prefixes(read_state_dict(path_or_state_dict, "Swin checkpoint"))
+    buffers = sorted(k for k in raw if k.endswith(_SWIN_BUFFERS))  # recomputed here from the window
+    sd = official_swin_state_dict(raw)
+    theirs = swin_config_from_state_dict(sd)
+    cfg = model.cfg
+    if (theirs.embed_dim, tuple(theirs.depths), tuple(theirs.num_heads), theirs.mlp_ratio) != \
+            (cfg.embed_dim, tuple(cfg.depths), tuple(cfg.num_heads), cfg.mlp_ratio):
+        raise ValueError(f"the Swin checkpoint is {swin_size_name(theirs)} (C={theirs.embed_dim}, depths "
+                         f"{tuple(theirs.depths)}, heads {tuple(theirs.num_heads)}) but the model is C={cfg.embed_dim}, "
+                         f"depths {tuple(cfg.depths)}, heads {tuple(cfg.num_heads)}; build it with "
+                         "swin_config_from_state_dict's sizes")
+    own = model.state_dict()
+    new, loaded, converted = {}, [], {}
+    used = set()
+    for k, v in sd.items():
+        if k in own and own[k].shape == v.shape:
+            new[k] = v
+            loaded.append(k)
+            used.add(k)
+        elif k.endswith("relative_position_bias_table") and k in own:
+            new[k] = resize_bias_table(v, cfg.window_size)
+            converted[k] = f"bias table resized bicubically, window {theirs.window_size} → {cfg.window_size}"
+            used.add(k)
+    if cfg.embed == "conv":
+        k = "patch_embed.proj.weight"
+        new[k] = swin_patch_embed_to_conv(sd[k], model.patch_embed.proj)
+        converted[k] = "Swin's 4×4/4 kernel at rows and columns 2–5 of the 7×7/4/2 kernel, zeros elsewhere (exact)"
+        used.add(k)
+        for i, layer in enumerate(model.layers):
+            if layer.downsample is None:
+                continue
+            p = f"layers.{i}.downsample."
+            parts = swin_merging_to_conv(sd[p + "norm.weight"], sd[p + "norm.bias"], sd[p + "reduction.weight"],
+                                         layer.downsample.proj)
+            for name, t in parts.items():
+                new[p + name] = t
+            used.update(p + n for n in ("norm.weight", "norm.bias", "reduction.weight"))
+            loaded = [q for q in loaded if not q.startswith(p)]  # the LN(2C) shapes may coincide; they are converted
+            converted[p + "proj.weight"] = ("reduction · diag(LN γ) · (I − 11ᵀ/4C) at kernel rows and columns 1–2 "
+                                            "(x0 [1,1], x1 [2,1], x2 [1,2], x3 [2,2])")
+            converted[p + "proj.bias"] = "zeros (the LayerNorm after the conv carries Swin's offset)"
+            converted[p + "norm.weight"] = "s·1, s = ‖A‖_F/√2C, the RMS of Swin's merge output for white input"
+            converted[p + "norm.bias"] = "reduction · LN β (Swin's merge output for a zero input)"
+    missing_shape = [k for k in new if k in own and new[k].shape != own[k].shape]
+    if missing_shape:
+        k = missing_shape[0]
+        raise ValueError(f"Swin checkpoint shape mismatch at {k}: checkpoint {tuple(new[k].shape)}, model "
+                         f"{tuple(own[k].shape)}; build the model with swin_config_from_state_dict's sizes")
+    fresh = sorted(k for k in own if k not in new)
+    lacking = [k for k in fresh if not k.startswith("head.")]
+    if lacking:
+        raise ValueError(f"the Swin checkpoint lacks {len(lacking)} of the model's tensors (first: {lacking[0]}); "
+                         "re-download it (a complete official or timm Swin checkpoint holds every block)")
+    state = {**own, **new}
+    model.load_state_dict(state)
+    return {"loaded": sorted(loaded), "converted": dict(sorted(converted.items())), "fresh": fresh,
+            "ignored": sorted(k for k in sd if k not in used) + buffers, "swin": theirs}

@@ -68,7 +68,7 @@ class Config:
     window_size: int = 0  # 0 = the image preset's; 12 at 384 (bias tables are resized on --init_from)
     init_from: str = ""  # a checkpoint whose weights start this run (e.g. the 224 run before 384, or the towers of an adapter)
     init_image: str = ""  # swin:PATH = the image tower from an official microsoft/Swin-Transformer or timm Swin checkpoint
-    init_text: str = ""  # clip:PATH = the text tower from an OpenAI CLIP or open_clip state dict (use with --tokenizer clip:VOCAB)
+    init_text: str = ""  # clip:PATH = the text tower of an OpenAI CLIP / open_clip -quickgelu state dict; clip-gelu:PATH = open_clip's GELU ones (with --tokenizer clip:VOCAB)
     # §2.2 UniCL pretraining (tasks/pretrain.py)
     stage: int = 0  # UniCL stage 1: short texts wrapped in prompt templates; 2: those texts dropped; 0: 1, or the --init_from run's
     tokenizer: str = ""  # "" = learn BPE merges on the data | FILE.json (ours) | clip:VOCAB (CLIP's bpe_simple_vocab_16e6.txt.gz)

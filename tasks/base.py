@@ -219,10 +219,14 @@ def source_task(ckpt: dict | None) -> str | None:
 
 
 def tokenizer_from_state(sd: dict):
-    """A task state's BPE merges → the Tokenizer they define (None if the state holds none)."""
-    from text_encoder import Tokenizer
+    """A task state's BPE merges → the tokenizer they define (None if the state holds none): ours (pairs
+    of ids) or CLIP's (pairs of str, `text_encoder.ClipTokenizer`; "tokenizer_kind" says so where written),
+    so an adapter of a run that used CLIP's tokenizer gets it back without the vocabulary file."""
+    from text_encoder import tokenizer_from_merges
 
-    return Tokenizer([tuple(m) for m in sd["tokenizer_merges"]]) if "tokenizer_merges" in sd else None
+    if "tokenizer_merges" not in sd:
+        return None
+    return tokenizer_from_merges(sd["tokenizer_merges"], sd.get("tokenizer_kind"))
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -23,6 +23,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import time
 from types import SimpleNamespace
 
@@ -142,13 +143,23 @@ class PretrainTask(Task):
 
     # -- model -----------------------------------------------------------------------------------------
     def build_tokenizer(self):
+        """The resumed run's, the --init_from run's, --tokenizer's (FILE.json: ours or a saved CLIP one;
+        clip:VOCAB: CLIP's, `text_encoder.ClipTokenizer`), or BPE merges learned on the training texts."""
         if self.tokenizer is None and self.init_checkpoint is not None:
-            self.load_state_dict(self.init_checkpoint.get("task", {}))  # the run we start from has one
+            self.load_tokenizer(self.init_checkpoint.get("task", {}))  # the run we start from has one
         if self.tokenizer is not None:
             pass
         elif self.cfg.tokenizer:
-            self.tokenizer = text_encoder.Tokenizer.load(self.cfg.tokenizer)
+            try:
+                self.tokenizer = text_encoder.load_tokenizer(self.cfg.tokenizer)
+            except (ValueError, FileNotFoundError) as e:
+                raise SystemExit(f"train.py: --tokenizer: {e}") from None
+            if self.dist.main and isinstance(self.tokenizer, text_encoder.ClipTokenizer):
+                tqdm.write(f"tokenizer: CLIP's BPE, {self.tokenizer.vocab_size} tokens (<sot> "
+                           f"{self.tokenizer.sot_id}, <eot> {self.tokenizer.eot_id}) from {self.cfg.tokenizer}")
         else:
+            if self.cfg.init_text:  # before minutes of learning merges the CLIP weights could not use
+                raise SystemExit(NEEDS_CLIP_TOKENIZER)
             t0 = time.time()
             self.tokenizer = text_encoder.Tokenizer.train(self._corpus(), self.cfg.vocab_size)
             if self.dist.main:
@@ -157,9 +168,28 @@ class PretrainTask(Task):
         return self.tokenizer
 
     def build_model(self) -> nn.Module:
-        tok = self.build_tokenizer()
-        self.model_args = towers_args(self.cfg, tok.vocab_size)
+        """The two towers: the resumed run's shapes; or --preset's, where --init_image / --init_text give
+        public weights the towers take their shapes from (`public_towers_args`); or, with --init_from a run of
+        the same --preset, that run's shapes (`carry_towers`). The load report is printed once."""
+        cfg, tok = self.cfg, self.build_tokenizer()
+        public = None
+        if getattr(self, "_towers", None) is not None:  # resumed: the towers this run was built with
+            self.model_args = self._towers
+        else:
+            self.model_args = towers_args(cfg, tok.vocab_size, tokenizer=tok)
+            if self.init_checkpoint is not None:
+                if cfg.init_image or cfg.init_text:
+                    raise SystemExit("train.py: --init_from sets every weight of the run, so --init_image / "
+                                     "--init_text would be overwritten; give either --init_from or the public weights")
+                self.model_args = carry_towers(self.model_args, self.init_checkpoint, cfg.preset)
+            elif cfg.init_image or cfg.init_text:
+                public = read_public_towers(cfg, tok)
+                self.model_args = public_towers_args(self.model_args, public)
         model = unicl.from_model_args(self.model_args, grad_checkpointing=self.cfg.grad_ckpt)
+        if public is not None:
+            self.public_report = load_public_towers(model, public)
+            if self.dist.main:
+                tqdm.write(format_report(self.public_report, public, cfg.preset))
         self.context_length = model.text_encoder.cfg.context_length
         return model
 
@@ -171,10 +201,14 @@ class PretrainTask(Task):
         return {coswin.SwinBlock, text_encoder.Block}
 
     def state_dict(self):
-        return self.tokenizer_state()
+        """The tokenizer (its merges, and which kind: CLIP's merges are pairs of str, enough to rebuild it
+        without the vocabulary file) and the towers' arguments (public weights may have set their shapes)."""
+        return {**self.tokenizer_state(), "tokenizer_kind": getattr(self.tokenizer, "kind", "florence-bpe"),
+                "towers": self.model_args}
 
     def load_state_dict(self, sd):
         self.load_tokenizer(sd)
+        self._towers = sd.get("towers")  # a resumed run is rebuilt with the shapes it had
 
     # -- loss ------------------------------------------------------------------------------------------
     def prepare(self, batch, step: int):
@@ -376,14 +410,167 @@ def stage2_data(ds, spec: str, d):
 # The towers' arguments, and reading a pretraining checkpoint back (for the adapters)
 
 
-def towers_args(cfg, vocab_size: int) -> dict:
-    """A run's --preset, --window_size and --drop_path → the `model_args` of its Florence model."""
+def towers_args(cfg, vocab_size: int, tokenizer=None) -> dict:
+    """A run's --preset, --window_size and --drop_path → the `model_args` of its Florence model. With a
+    `tokenizer` whose pad / end ids are not ours (CLIP's: 0 and 49407), the text tower takes them."""
     over = {}
     if cfg.window_size:
         over["window_size"] = cfg.window_size
     if cfg.drop_path >= 0:
         over["drop_path_rate"] = cfg.drop_path
-    return unicl.model_args(unicl.config(cfg.preset, vocab_size=vocab_size, image_overrides=over))
+    text_over = {}
+    if tokenizer is not None:
+        default = text_encoder.TextConfig()
+        text_over = {f: getattr(tokenizer, f) for f in ("pad_id", "eot_id")
+                     if getattr(tokenizer, f) != getattr(default, f)}
+    return unicl.model_args(unicl.config(cfg.preset, vocab_size=vocab_size, image_overrides=over,
+                                         text_overrides=text_over))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Public weights: --init_image swin:PATH, --init_text clip:PATH (with --tokenizer clip:VOCAB)
+#
+# The public files set their tower's shape, whatever --preset says (the report says when they differ):
+# a Swin checkpoint its widths, depths and heads (the window stays --window_size's or the preset's, the
+# bias tables resized to it), a CLIP one its text tower (width, layers, heads = width/64, vocab, context,
+# QuickGELU for clip:, GELU for clip-gelu:) and the joint width D of its text_projection. --preset keeps
+# the rest: the image size, CoSwin's convolutional embedding, drop path, the schedule.
+
+_IMAGE_SHAPE = ("embed_dim", "depths", "num_heads", "mlp_ratio")
+_TEXT_SHAPE = ("context_length", "width", "layers", "heads", "mlp_ratio", "act", "pad_id", "eot_id")
+_TEXT_KINDS = {"clip": "quick_gelu", "clip-gelu": "gelu"}
+NEEDS_CLIP_TOKENIZER = ("train.py: --init_text clip:… holds weights for CLIP's token ids; add --tokenizer "
+                        "clip:bpe_simple_vocab_16e6.txt.gz (CLIP's vocabulary)")
+
+
+def _spec(flag: str, value: str, kinds) -> tuple[str, str]:
+    kind, _, path = value.partition(":")
+    if kind not in kinds or not path:
+        forms = " or ".join(f"{k}:PATH" for k in kinds)
+        raise SystemExit(f"train.py: --{flag} takes {forms}, got {value!r}")
+    return kind, path
+
+
+def read_public_towers(cfg, tokenizer) -> dict:
+    """Read and check --init_image / --init_text before any tower is built: {"image": {...}, "text": {...}}."""
+    out = {}
+    if cfg.init_image:
+        _, path = _spec("init_image", cfg.init_image, ("swin",))
+        try:
+            raw = coswin.read_state_dict(path, "--init_image Swin checkpoint")
+            layout = coswin.swin_layout(raw)
+            scfg = coswin.swin_config_from_state_dict(raw)
+        except ValueError as e:
+            raise SystemExit(f"train.py: --init_image: {e}") from None
+        out["image"] = {"path": path, "sd": raw, "cfg": scfg, "layout": layout}
+    if cfg.init_text:
+        kind, path = _spec("init_text", cfg.init_text, _TEXT_KINDS)
+        if not isinstance(tokenizer, text_encoder.ClipTokenizer):
+            raise SystemExit(NEEDS_CLIP_TOKENIZER)
+        try:
+            sd = coswin.read_state_dict(path, "--init_text CLIP checkpoint")
+            w, names, ignored = text_encoder.clip_text_weights(sd)
+            tcfg, D = text_encoder.clip_text_config(w, act=_TEXT_KINDS[kind])
+        except ValueError as e:
+            raise SystemExit(f"train.py: --init_text: {e}") from None
+        if tcfg.vocab_size != tokenizer.vocab_size:
+            raise SystemExit(f"train.py: the --init_text tower has {tcfg.vocab_size} token embeddings but --tokenizer "
+                             f"{cfg.tokenizer!r} has {tokenizer.vocab_size} tokens; give CLIP's own vocabulary file")
+        out["text"] = {"path": path, "sd": sd, "cfg": tcfg, "embed_dim": D, "act": _TEXT_KINDS[kind]}
+    return out
+
+
+def public_towers_args(args: dict, public: dict) -> dict:
+    """model_args with the towers' shapes the public weights have (only the fields that differ from the presets)."""
+    args = {**args, "image_overrides": dict(args["image_overrides"]), "text_overrides": dict(args["text_overrides"])}
+    if "image" in public:
+        theirs, base = public["image"]["cfg"], coswin.preset_config(coswin.PRESETS, args["image"])
+        for f in _IMAGE_SHAPE:
+            v = getattr(theirs, f)
+            v = tuple(v) if isinstance(v, (list, tuple)) else v
+            if v != (tuple(getattr(base, f)) if isinstance(getattr(base, f), (list, tuple)) else getattr(base, f)):
+                args["image_overrides"][f] = v
+            else:
+                args["image_overrides"].pop(f, None)
+    if "text" in public:
+        theirs, base = public["text"]["cfg"], text_encoder.config("clip_base")
+        args["text"] = "clip_base"
+        args["text_overrides"] = {f: getattr(theirs, f) for f in _TEXT_SHAPE if getattr(theirs, f) != getattr(base, f)}
+        args["vocab_size"] = theirs.vocab_size
+        args["embed_dim"] = public["text"]["embed_dim"]
+    return args
+
+
+def carry_towers(args: dict, ckpt: dict, preset: str) -> dict:
+    """--init_from a pretraining run of the same --preset: that run's tower shapes and text tower (which
+    public weights may have set), with this run's window and drop path."""
+    theirs = ckpt.get("model_args")
+    try:
+        pcfg = json.loads(ckpt.get("config") or "{}")
+    except (TypeError, json.JSONDecodeError):
+        return args
+    if not theirs or pcfg.get("task") != "pretrain" or pcfg.get("preset") != preset:
+        return args
+    image_over = {k: v for k, v in theirs.get("image_overrides", {}).items() if k in _IMAGE_SHAPE}
+    return {**args, "image_overrides": {**args["image_overrides"], **image_over},
+            **{k: theirs[k] for k in ("text", "text_overrides", "vocab_size", "embed_dim") if k in theirs}}
+
+
+def load_public_towers(model: nn.Module, public: dict) -> dict:
+    """Copy the public weights into a Florence model built by public_towers_args → the whole model's report
+    {"loaded", "converted", "fresh", "ignored"} with Florence's key names (image_encoder., text_encoder.)."""
+    report = {"loaded": [], "converted": {}, "ignored": []}
+    if "image" in public:
+        r = coswin.load_swin_weights(public["image"]["sd"], model.image_encoder)
+        report["loaded"] += ["image_encoder." + k for k in r["loaded"]]
+        report["converted"].update({"image_encoder." + k: v for k, v in r["converted"].items()})
+        report["ignored"] += ["swin:" + k for k in r["ignored"]]
+    if "text" in public:
+        _, proj, r = text_encoder.load_clip_text(public["text"]["sd"], model.text_encoder, act=public["text"]["act"])
+        with torch.no_grad():
+            model.text_proj.weight.copy_(proj.t())  # x @ text_projection = Linear with weight text_projectionᵀ
+        report["loaded"] += ["text_encoder." + k for k in r["loaded"]]
+        report["converted"]["text_proj.weight"] = "← text_projection (width, D), transposed into the Linear's (D, width)"
+        report["ignored"] += ["clip:" + k for k in r["ignored"]]
+    done = {k.split(" ←")[0] for k in report["loaded"]} | set(report["converted"])
+    report["fresh"] = [k for k in model.state_dict() if k not in done]
+    return report
+
+
+def _patterns(keys) -> str:
+    """Keys grouped with their numbers as *: 'layers.*.blocks.*.norm1.weight ×12, norm.weight'."""
+    from collections import Counter
+
+    counts = Counter(re.sub(r"\.\d+(?=\.|$)", ".*", k) for k in keys)
+    return ", ".join(f"{p} ×{n}" if n > 1 else p for p, n in counts.items())
+
+
+def format_report(report: dict, public: dict, preset: str) -> str:
+    """The start-up lines: where each tower came from, and what was loaded, converted and left fresh."""
+    lines = []
+    if "image" in public:
+        im = public["image"]
+        p = unicl.PRESETS[preset].image
+        size = coswin.swin_size_name(im["cfg"])
+        same = coswin.swin_size_name(coswin.PRESETS[p]) == size
+        lines.append(f"--init_image: {size} ({im['layout']} layout, window {im['cfg'].window_size}) from {im['path']} "
+                     f"into CoSwin{'' if same else f', its shape in place of --preset {preset} ({p})'}")
+    if "text" in public:
+        t = public["text"]
+        c, text_preset = t["cfg"], unicl.PRESETS[preset].text
+        lines.append(f"--init_text: CLIP text tower (width {c.width}, {c.layers} layers, {c.heads} heads, vocab "
+                     f"{c.vocab_size}, context {c.context_length}, {c.act}, D {t['embed_dim']}) from {t['path']}"
+                     f"{'' if text_preset == 'clip_base' else f', in place of --preset {preset} ({text_preset})'}")
+    loaded = [k.split(" ←")[0] for k in report["loaded"]]
+    lines.append(f"  loaded as they are ({len(loaded)}): {_patterns(loaded)}")
+    conv = {}
+    for k, how in report["converted"].items():
+        conv.setdefault((re.sub(r"\.\d+(?=\.|$)", ".*", k), how), []).append(k)
+    lines.append(f"  converted ({len(report['converted'])}):")
+    lines += [f"    {p}{f' ×{len(ks)}' if len(ks) > 1 else ''}: {how}" for (p, how), ks in conv.items()]
+    lines.append(f"  fresh ({len(report['fresh'])}): {_patterns(report['fresh'])}")
+    lines.append(f"  ignored ({len(report['ignored'])}): {_patterns(report['ignored'])}")
+    return "\n".join(lines)
 
 
 def load_pretrained(ckpt: dict | str, device="cpu", preset: str | None = None):

@@ -207,6 +207,13 @@ class ITMMLMTask(MeterTask):
         eval_every=200, eval_size=500, ckpt_every=200)
     demo_defaults = dict(max_minutes=10.0)  # toy on synthetic: a 10-minute CPU schedule (ITM learns well before MLM)
 
+    def build_model(self) -> nn.Module:
+        model = super().build_model()
+        if isinstance(self.tokenizer, text_encoder.ClipTokenizer):  # said before the first step, not inside it
+            raise SystemExit("train.py: --task itm_mlm masks tokens, and the towers' tokenizer is CLIP's, which has no "
+                             "mask token; start METER from a pretraining run with our BPE tokenizer, or use --task vqa")
+        return model
+
     def collate(self, samples):
         return data.collate_image_text(samples)
 

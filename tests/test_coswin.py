@@ -127,18 +127,109 @@ def test_block_equals_token_loop_reference(H, W, shift, fused):
     torch.manual_seed(1)
     blk = SwinBlock(8, 2, 4, shift, fused=fused).double().eval()
     x = torch.randn(2, H, W, 8, dtype=torch.float64)
-    torch.testing.assert_close(blk(x), _block_reference(blk, x))
+    with torch.no_grad():  # without a gradient to the bias the fused block runs SDPA on CPU too
+        got = blk(x)
+    torch.testing.assert_close(got, _block_reference(blk, x))
 
 
 def test_fused_and_plain_paths_agree_on_whole_model():
     torch.manual_seed(0)
     m = coswin.build("toy").eval()
     x = torch.randn(2, 3, 61, 75)
-    fused = m.forward_features(x)
+    with torch.no_grad():
+        fused = m.forward_features(x)
     m.set_fused_attention(False)
     plain = m.forward_features(x)
     for a, b in zip(fused, plain):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------------
+# the fast paths against the reference paths (speed levers: docs/PERFORMANCE.md)
+
+
+@pytest.mark.parametrize("Hp,Wp,M,s", [(8, 8, 4, 2), (12, 8, 4, 0), (14, 14, 7, 3), (9, 6, 3, 1)])
+def test_window_order_is_roll_then_partition_and_its_inverse_undoes_both(Hp, Wp, M, s):
+    blk = SwinBlock(5, 1, M, s)
+    x = torch.randn(2, Hp, Wp, 5)
+    order, inverse = blk.window_order(Hp, Wp, M, s, x.device)
+    windows = x.reshape(2, Hp * Wp, 5).index_select(1, order).view(-1, M * M, 5)
+    assert torch.equal(windows, window_partition(torch.roll(x, (-s, -s), (1, 2)), M))
+    back = windows.reshape(2, Hp * Wp, 5).index_select(1, inverse).view(2, Hp, Wp, 5)
+    assert torch.equal(back, x)
+    assert torch.equal(torch.roll(window_reverse(windows, M, Hp, Wp), (s, s), (1, 2)), back)
+
+
+def _step(module, x, seed=7):
+    """Output and gradients (input first, then parameters by name) of one forward+backward."""
+    x = x.clone().requires_grad_()
+    module.zero_grad()
+    torch.manual_seed(seed)  # the same drop-path draws in both modules
+    out = module(x)
+    (out.square().mean() + out.mean()).backward()
+    return out.detach(), {"input": x.grad, **{n: p.grad.clone() for n, p in module.named_parameters()}}
+
+
+@pytest.mark.parametrize("H,W,shift", [(8, 8, 2), (7, 10, 0), (11, 13, 2), (4, 4, 2)])
+def test_block_fast_paths_equal_the_reference_paths(H, W, shift):
+    """The gathered windows and the attention dispatch (SDPA, or on CPU with a bias gradient the plain math)
+    against torch.roll + window_partition and the plain math: float64, training with drop path (output and
+    every gradient), and inference (SDPA)."""
+    torch.manual_seed(0)
+    fast = SwinBlock(8, 2, 4, shift, drop_path=0.3).double()
+    ref = SwinBlock(8, 2, 4, shift, drop_path=0.3, fused=False).double()
+    ref.load_state_dict(fast.state_dict())
+    ref.gather_windows = False
+    x = torch.randn(3, H, W, 8, dtype=torch.float64)
+    (out_f, g_f), (out_r, g_r) = _step(fast, x), _step(ref, x)
+    torch.testing.assert_close(out_f, out_r)
+    for n in g_r:
+        torch.testing.assert_close(g_f[n], g_r[n], msg=n)
+    with torch.no_grad():
+        torch.testing.assert_close(fast.eval()(x), ref.eval()(x))
+
+
+def test_whole_model_fast_paths_equal_the_reference_paths_in_training():
+    torch.manual_seed(0)
+    fast = coswin.build("toy", drop_path_rate=0.2).double()
+    ref = coswin.build("toy", drop_path_rate=0.2, fused_attn=False).double()
+    ref.load_state_dict(fast.state_dict())
+    for m in ref.modules():
+        if isinstance(m, SwinBlock):
+            m.gather_windows = False
+    x = torch.randn(2, 3, 61, 75, dtype=torch.float64)  # padded maps, shifted and unshifted blocks
+    (out_f, g_f), (out_r, g_r) = _step(fast, x), _step(ref, x)
+    torch.testing.assert_close(out_f, out_r)
+    for n in g_r:
+        torch.testing.assert_close(g_f[n], g_r[n], msg=n)
+
+
+def test_fused_attention_runs_sdpa_unless_a_cpu_bias_needs_a_gradient(monkeypatch):
+    calls = []
+    sdpa = F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda *a, **k: calls.append(1) or sdpa(*a, **k))
+    blk = SwinBlock(8, 2, 4, 2)
+    x = torch.randn(1, 8, 8, 8)
+    blk(x)  # training on CPU: SDPA would fall back to its unfused math, the plain math runs
+    assert calls == []
+    with torch.no_grad():
+        blk(x)
+    assert len(calls) == 1
+    blk.requires_grad_(False)  # a frozen tower: no gradient for the bias, SDPA with autograd on
+    blk(x)
+    assert len(calls) == 2
+
+
+def test_blocks_of_a_stage_share_one_cache_of_masks_and_token_orders():
+    m = coswin.build("toy").eval()
+    with torch.no_grad():
+        m(torch.randn(1, 3, 64, 64))  # maps 16, 8, 4, 2 with window 4
+    caches = [{id(b._mask_cache) for b in layer.blocks} for layer in m.layers]
+    assert all(len(c) == 1 for c in caches) and len(set.union(*caches)) == len(m.layers)
+    first = m.layers[0].blocks
+    cpu = torch.device("cpu")
+    assert first[1].attn_mask(16, 16, 4, 2, cpu) is first[0].attn_mask(16, 16, 4, 2, cpu)
+    assert {k[0] for k in first[0]._mask_cache} == {"mask", "order"}
 
 
 def test_shift_dropped_when_map_fits_in_window():

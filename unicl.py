@@ -268,7 +268,8 @@ def unicl_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, keys: torch.Tens
     no_autocast = torch.autocast(u.device.type, enabled=False) if u.device.type in ("cpu", "cuda") \
         else nullcontext()
     with no_autocast:  # the logits and their softmax stay in fp32 under mixed precision (paper §2.7)
-        if _distributed(gather):
+        distributed = _distributed(gather)
+        if distributed:
             world = dist.get_world_size()
             sizes = _gather_sizes(u.shape[0], u.device)
             u_all = _GatherWithGrad.apply(u, sizes)  # (N, D)
@@ -279,8 +280,12 @@ def unicl_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, keys: torch.Tens
             u_all, v_all, keys_all, norm = u, v, keys, u.shape[0]
         positive = keys[:, None] == keys_all[None, :]  # (b, N): P(i) for local rows i
         scale = torch.as_tensor(logit_scale, dtype=dtype, device=u.device)
-        l_i2t = _soft_cross_entropy(scale * u @ v_all.T, positive)  # (b,) rows: images, columns: texts
-        l_t2i = _soft_cross_entropy(scale * v @ u_all.T, positive)  # (b,) rows: texts, columns: images
+        logits = scale * u @ v_all.T  # (b, N) rows: images, columns: texts
+        l_i2t = _soft_cross_entropy(logits, positive)  # (b,)
+        if distributed:  # rows: this rank's texts, columns: all images
+            l_t2i = _soft_cross_entropy(scale * v @ u_all.T, positive)
+        else:  # one process: τ v uᵀ is the transpose of τ u vᵀ, and P is symmetric (no second matmul)
+            l_t2i = _soft_cross_entropy(logits.T, positive)
         return (l_i2t + l_t2i).sum() / norm
 
 

@@ -124,6 +124,47 @@ def test_deform_conv_gradients_flow_to_input_offsets_mask_and_weights():
     assert off.grad.abs().sum() > 0 and mask.grad.abs().sum() > 0
 
 
+def _deform_einsum(x, offset, mask, weight, bias, stride, pad):
+    """The contraction written as an einsum over grid_sample's columns of the NCHW input: the same sampling
+    rule, another contraction and memory layout than the batched matmul (here H, W ≥ 2, dilation 1)."""
+    B, C, H, W = x.shape
+    O, _, kh, kw = weight.shape
+    K, (Ho, Wo) = kh * kw, offset.shape[-2:]
+    G = offset.shape[1] // (2 * K)
+    ki, kj = torch.meshgrid(torch.arange(kh), torch.arange(kw), indexing="ij")
+    off = offset.reshape(B, G, K, 2, Ho, Wo).flatten(0, 1)
+    py = (torch.arange(Ho) * stride - pad)[None, :, None] + ki.reshape(K, 1, 1) + off[:, :, 0]  # (B·G, K, Ho, Wo)
+    px = (torch.arange(Wo) * stride - pad)[None, None, :] + kj.reshape(K, 1, 1) + off[:, :, 1]
+    grid = torch.stack([px * 2 / (W - 1) - 1, py * 2 / (H - 1) - 1], -1).reshape(B * G, K * Ho, Wo, 2)
+    cols = F.grid_sample(x.reshape(B * G, C // G, H, W), grid, align_corners=True).reshape(B, G, C // G, K, Ho, Wo)
+    cols = cols * mask.reshape(B, G, 1, K, Ho, Wo)
+    return torch.einsum("bgckhw,ogck->bohw", cols, weight.reshape(O, G, C // G, K)) + bias.view(1, -1, 1, 1)
+
+
+@pytest.mark.parametrize("stride,G", [(1, 1), (2, 2)])
+def test_deform_conv_equals_the_einsum_over_its_columns_in_value_and_gradients(stride, G):
+    torch.manual_seed(0)
+    B, C, O, H, W = 2, 4, 3, 7, 6
+    x = torch.randn(B, C, H, W, dtype=torch.float64)
+    w = torch.randn(O, C, 3, 3, dtype=torch.float64)
+    b = torch.randn(O, dtype=torch.float64)
+    Ho, Wo = (H + 2 - 3) // stride + 1, (W + 2 - 3) // stride + 1
+    off = _random_offsets(B, G, 9, Ho, Wo, seed=5)
+    mask = torch.rand(B, G * 9, Ho, Wo, dtype=torch.float64)
+
+    def grads(fn):
+        args = [t.clone().requires_grad_() for t in (x, off, mask, w, b)]
+        out = fn(*args, stride=stride, pad=1)
+        (out.square().sum() + out.sum()).backward()
+        return out.detach(), [a.grad for a in args]
+
+    got, got_g = grads(lambda x, o, m, w, b, stride, pad: dh.modulated_deform_conv2d(x, o, m, w, b, stride, pad))
+    want, want_g = grads(_deform_einsum)
+    torch.testing.assert_close(got, want)
+    for name, a, e in zip(("x", "offset", "mask", "weight", "bias"), got_g, want_g):
+        torch.testing.assert_close(a, e, msg=name)
+
+
 def test_deform_conv_rejects_offsets_of_the_wrong_size():
     x, w = torch.randn(1, 2, 8, 8), torch.randn(2, 2, 3, 3)
     with pytest.raises(ValueError, match="offset must be"):  # the official DyHead bug: offsets of twice the size

@@ -74,6 +74,37 @@ def test_invariant_to_permuting_the_batch():
     torch.testing.assert_close(unicl_loss(u, v, keys, 20.0), unicl_loss(u[perm], v[perm], keys[perm], 20.0))
 
 
+def test_single_process_loss_transposes_its_one_logits_matmul_and_equals_two_matmuls():
+    """One process: τ v uᵀ is (τ u vᵀ)ᵀ, so the loss runs one (b, D)×(D, b) matmul; value and gradients
+    equal the two-matmul formulation (repeated keys, u ≠ v)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    keys = torch.tensor([3, 1, 3, 0, 1, 2, 3])
+    b, D = len(keys), 5
+
+    def run(loss_fn):
+        u = _unit(b, D, dtype=torch.float64, seed=21).requires_grad_()
+        v = _unit(b, D, dtype=torch.float64, seed=22).requires_grad_()
+        tau = torch.tensor(7.0, dtype=torch.float64, requires_grad=True)
+        loss = loss_fn(u, v, tau)
+        loss.backward()
+        return loss.detach(), u.grad, v.grad, tau.grad
+
+    def two_matmuls(u, v, tau):
+        positive = (keys[:, None] == keys[None, :]).double()
+        target = positive / positive.sum(1, keepdim=True)
+        l_i2t = -(target * (tau * u @ v.T).log_softmax(1)).sum(1)
+        l_t2i = -(target * (tau * v @ u.T).log_softmax(1)).sum(1)
+        return (l_i2t + l_t2i).mean()
+
+    for got, want in zip(run(lambda u, v, tau: unicl_loss(u, v, keys, tau)), run(two_matmuls)):
+        torch.testing.assert_close(got, want)
+    u, v = _unit(b, D, seed=1), _unit(b, D, seed=2)
+    with FlopCounterMode(display=False) as counter:
+        unicl_loss(u, v, keys, 7.0)
+    assert counter.get_total_flops() == 2 * b * b * D  # one matmul
+
+
 def test_gradcheck_float64():
     u = _unit(5, 4, dtype=torch.float64, seed=7).requires_grad_()
     v = _unit(5, 4, dtype=torch.float64, seed=8).requires_grad_()

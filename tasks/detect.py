@@ -1,14 +1,18 @@
-"""--task detect: Florence's object-level adapter, Dynamic Head + ATSS on the pretrained CoSwin (paper §2.4).
+"""--task detect: Florence's object-level adapter on the pretrained CoSwin (paper §2.4): Dynamic Head + ATSS
+(--det_adapter dyhead, the default) or Dynamic DETR (--det_adapter dydetr).
 
     python train.py --name pretrain-toy                                          # once: the two towers
     python train.py --task detect --init_from runs/pretrain-toy/ckpt.pt          # DyHead-ATSS on them
+    python train.py --task detect --init_from runs/pretrain-toy/ckpt.pt --det_adapter dydetr   # Dynamic DETR
     python train.py --task detect --init_from runs/pretrain-toy/ckpt.pt --zero_shot_classes "red cross,blue circle"
 
-The pretrained CoSwin → FeaturePyramid → DynamicHead → ATSS head (dynamic_head.py), with classes that are
-text-aligned: each region's feature is dotted with one pooled embedding of the class's prompt from the
-pretrained text tower (CLIP/ViLD-style; GLIP instead scores regions against word tokens), the tower
-fine-tuned with the detector, so a class named in words can be detected zero-shot. Each class is the prompt
-"a photo of a {name}." (PROMPT). Trained on ShapesDetection or COCO JSON.
+dyhead: the pretrained CoSwin → FeaturePyramid → DynamicHead → ATSS head (dynamic_head.py). dydetr: CoSwin →
+FeaturePyramid → dynamic encoder → ROI-based dynamic decoder with Hungarian set loss (dynamic_detr.py). Both
+have classes that are text-aligned: each region's (or query's) feature is dotted with one pooled embedding of
+the class's prompt from the pretrained text tower (CLIP/ViLD-style; GLIP instead scores regions against word
+tokens), the tower fine-tuned with the detector, so a class named in words can be detected zero-shot. Each
+class is the prompt "a photo of a {name}." (PROMPT). Trained on ShapesDetection or COCO JSON; the same data,
+evaluation (COCO mAP), pictures and metrics for both adapters.
 """
 from __future__ import annotations
 
@@ -23,11 +27,12 @@ from torch.utils.data import DataLoader
 
 import coswin
 import data
+import dynamic_detr as dd
 import dynamic_head as dh
 import text_encoder
 import unicl
 from tasks import draw
-from tasks.base import Task, build_data, eval_mode, split_names, unwrap
+from tasks.base import Task, build_data, eval_mode, is_synthetic, split_names, unwrap
 from tasks.pretrain import load_pretrained, towers_args
 
 
@@ -55,6 +60,25 @@ class DetectTask(Task):
     demo_defaults = dict(  # --preset toy on synthetic data only (docs/EXPERIMENTS.md, detect)
         img_size=64,  # 64² ShapesDetection: objects of 8–19 px, enough for the toy head's strides 4–16
         max_minutes=12.0)  # the schedule fitted to a 12-minute CPU run
+    # --det_adapter dydetr's own values, where the field still holds the value the defaults above gave it
+    # (neither a flag nor --config set it): "demo" ones for the CPU demo only, as demo_defaults. Its model
+    # sizes (16 queries, 3 decoder layers, …) are its preset's, dynamic_detr.PRESETS["toy"].
+    adapter_defaults = {"dydetr": {"demo": dict(max_minutes=14.0)}}  # docs/EXPERIMENTS.md, detect
+
+    @classmethod
+    def resolve_config(cls, cfg, source: dict | None):
+        """The adapter's own defaults (adapter_defaults: "all" runs, "demo" the CPU demo) replace the detect
+        task's where the config still holds those. A flag that repeats a detect default cannot be told from
+        no flag here (the config holds the same value), so it gets the adapter's value too."""
+        own = cls.adapter_defaults.get(cfg.det_adapter)
+        if not own:
+            return cfg
+        demo = cfg.preset == "toy" and is_synthetic(cfg.data)
+        base, wanted = dict(cls.defaults), dict(own.get("all", {}))
+        if demo:
+            base.update(cls.demo_defaults)
+            wanted.update(own.get("demo", {}))
+        return dataclasses.replace(cfg, **{k: v for k, v in wanted.items() if getattr(cfg, k) == base.get(k)})
 
     def __init__(self, cfg, d):
         super().__init__(cfg, d)
@@ -123,27 +147,39 @@ class DetectTask(Task):
             self.towers = towers_args(self.cfg, self.tokenizer.vocab_size)
         return unicl.from_model_args(self.towers, grad_checkpointing=self.cfg.grad_ckpt)
 
+    # the adapter's module and the fields --det_channels / --det_blocks set in its config
+    ADAPTERS = {"dyhead": (dh, dh.Detector, dh.DetectorConfig, "num_blocks"),
+                "dydetr": (dd, dd.DynamicDETR, dd.DynamicDETRConfig, "enc_blocks")}
+
     def build_model(self) -> nn.Module:
-        over = {k: v for k, v in (("channels", self.cfg.det_channels), ("num_blocks", self.cfg.det_blocks)) if v > 0}
+        module, detector, _, blocks = self.ADAPTERS[self.cfg.det_adapter]
+        over = {k: v for k, v in (("channels", self.cfg.det_channels), (blocks, self.cfg.det_blocks)) if v > 0}
         try:
-            det_cfg = dh.build_config(self.cfg.det_head, **over)
+            det_cfg = module.build_config(self.cfg.det_head, **over)
         except ValueError as e:
             raise SystemExit(f"train.py: --det_head: {e}") from None
         florence = self._towers()
         self.context_length = florence.text_encoder.cfg.context_length
-        model = dh.Detector.from_pretrained(florence, det_cfg, self.cfg.det_classifier, num_classes=len(self.seen))
+        model = detector.from_pretrained(florence, det_cfg, self.cfg.det_classifier, num_classes=len(self.seen))
         if model.text is not None:
             model.set_classes(self.tokenize_names(self.seen))
-        self.model_args = {"towers": self.towers, "detector": dataclasses.asdict(det_cfg),
+        self.model_args = {"towers": self.towers, "adapter": self.cfg.det_adapter, "detector": dataclasses.asdict(det_cfg),
                            "classifier": self.cfg.det_classifier, "num_classes": len(self.seen),
                            "context_length": self.context_length}
         return model
 
     @staticmethod
     def rebuild(model_args: dict) -> nn.Module:
+        """model_args → the detector with fresh weights; "adapter" names dyhead or dydetr (absent in
+        checkpoints from before Dynamic DETR: those are DyHead)."""
+        adapter = model_args.get("adapter", "dyhead")
+        if adapter not in DetectTask.ADAPTERS:
+            raise SystemExit(f"train.py: the checkpoint's detector adapter {adapter!r} is unknown; this code knows "
+                             f"{', '.join(DetectTask.ADAPTERS)}")
+        _, detector, config, _ = DetectTask.ADAPTERS[adapter]
         florence = unicl.from_model_args(model_args["towers"])
-        model = dh.Detector.from_pretrained(florence, dh.DetectorConfig(**model_args["detector"]),
-                                            model_args["classifier"], num_classes=model_args["num_classes"])
+        model = detector.from_pretrained(florence, config(**model_args["detector"]), model_args["classifier"],
+                                         num_classes=model_args["num_classes"])
         if model.text is not None:  # the training vocabulary's prompts: their values come with the weights
             model.set_classes(torch.zeros(model_args["num_classes"], model_args["context_length"], dtype=torch.long))
         return model
@@ -159,7 +195,7 @@ class DetectTask(Task):
         return self.tokenizer([self.PROMPT.format(n) for n in names], self.context_length)
 
     def fsdp_wrap_classes(self):
-        return {coswin.SwinBlock, dh.DyHeadBlock, text_encoder.Block}
+        return {coswin.SwinBlock, dh.DyHeadBlock, dd.DecoderLayer, text_encoder.Block}  # dydetr's encoder blocks are DyHeadBlocks
 
     def counters(self):
         return {"bad_boxes": self.bad_boxes}

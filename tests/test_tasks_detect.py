@@ -58,3 +58,48 @@ def test_detect_task_rejects_unknown_held_out_classes_and_empty_names(tmp_path):
                                              str(tmp_path)]))
     with pytest.raises(SystemExit, match="not classes"):
         DetectTask(cfg, Dist())
+
+
+# ----------------------------------------------------------------------------------------------------
+# --det_adapter dydetr
+
+
+@pytest.mark.slow
+def test_dydetr_adapter_runs_logs_fractions_and_rebuilds_from_model_args(tmp_path):
+    import dynamic_detr as dd
+    from tasks import TASKS
+    from tasks.base import load_checkpoint
+
+    flags = ["--task", "detect", "--det_adapter", "dydetr", "--img_size", "64", "--batch_size", "4", "--eval_size", "8",
+             "--det_channels", "16", "--det_blocks", "1", "--vocab_size", "300", "--log_every", "1", "--progress",
+             "false", "--max_minutes", "0", "--zero_shot_classes", "red cross,blue circle", "--out_dir", str(tmp_path),
+             "--eval_every", "100", "--ckpt_every", "100", "--name", "dd", "--max_steps", "2"]
+    cfg = train.resolved(train.parse_config(flags))
+    t = train.Trainer(cfg, train.setup_distributed(cfg))
+    metrics = t.fit()
+    assert isinstance(t.model, dd.DynamicDETR)
+    assert set(metrics) == {"det_map", "det_map50", "det_zs_map", "det_zs_map50"}
+    assert all(0.0 <= v <= 1.0 for v in metrics.values())
+    assert (tmp_path / "dd" / "predictions.png").is_file()
+    rows = [json.loads(line) for line in open(tmp_path / "dd" / "metrics.jsonl")]
+    assert np.isfinite(rows[0]["loss"]) and {"loss_cls", "loss_l1", "loss_giou"} <= set(rows[0])
+    ckpt = load_checkpoint(str(tmp_path / "dd" / "ckpt.pt"))
+    assert ckpt["model_args"]["adapter"] == "dydetr"
+    model = TASKS["detect"].rebuild(ckpt["model_args"])
+    model.load_state_dict(ckpt["model"], strict=True)
+    assert isinstance(model, dd.DynamicDETR) and model.cfg.channels == 16 and model.cfg.enc_blocks == 1
+    # an adapter this code does not know is refused in a sentence
+    with pytest.raises(SystemExit, match="adapter 'detr3d' is unknown"):
+        TASKS["detect"].rebuild({**ckpt["model_args"], "adapter": "detr3d"})
+
+
+def test_dydetr_takes_its_own_demo_budget_where_no_flag_set_one(tmp_path):
+    def cfg(*flags):
+        c = train.resolved(train.parse_config(["--task", "detect", "--out_dir", str(tmp_path), *flags]))
+        return DetectTask.resolve_config(c, None)
+
+    assert cfg().max_minutes == DetectTask.demo_defaults["max_minutes"]  # dyhead: the detect demo budget
+    own = DetectTask.adapter_defaults["dydetr"]["demo"]["max_minutes"]
+    assert cfg("--det_adapter", "dydetr").max_minutes == own
+    assert cfg("--det_adapter", "dydetr", "--max_minutes", "3").max_minutes == 3.0  # a flag wins
+    assert cfg("--det_adapter", "dydetr", "--preset", "tiny").max_minutes == 0.0  # not the CPU demo: no budget

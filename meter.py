@@ -123,7 +123,12 @@ def from_pretrained(florence: nn.Module, name: str, **overrides) -> "METER":
 class Attention(nn.Module):
     """Multi-head attention, queries from `x`, keys and values from `context` (= x for self-attention).
 
-    x: (B, Lq, H), context: (B, Lk, H), key_mask: (B, Lk) bool, True where a key may be attended to."""
+    x: (B, Lq, H), context: (B, Lk, H), key_mask: (B, Lk) bool, True where a key may be attended to.
+
+    `keep_attn = True` switches to the written-out path, softmax(q kᵀ / √d, masked) v, and keeps its
+    probabilities (B, heads, Lq, Lk) in `last_attn` (detached), so that a reader can see what each query
+    looks at (figures.py draws the text-to-image cross-attention); the output is the same function as the
+    fused path's (tests/test_figures.py checks both)."""
 
     def __init__(self, hidden: int, heads: int, dropout: float):
         super().__init__()
@@ -133,12 +138,23 @@ class Attention(nn.Module):
         self.q = nn.Linear(hidden, hidden)
         self.kv = nn.Linear(hidden, 2 * hidden)
         self.proj = nn.Linear(hidden, hidden)
+        self.keep_attn = False
+        self.last_attn = None
 
     def forward(self, x, context, key_mask=None):
         q = rearrange(self.q(x), "b l (h d) -> b h l d", h=self.heads)
         k, v = rearrange(self.kv(context), "b l (two h d) -> two b h l d", two=2, h=self.heads)
         mask = None if key_mask is None else key_mask[:, None, None, :]  # (B, 1, 1, Lk): the same for every query
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
+        drop = self.dropout if self.training else 0.0
+        if self.keep_attn:  # the plain math, probabilities kept for drawing
+            logits = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5  # (B, heads, Lq, Lk)
+            if mask is not None:
+                logits = logits.masked_fill(~mask, float("-inf"))
+            attn = logits.float().softmax(dim=-1).to(v.dtype)
+            self.last_attn = attn.detach()
+            y = F.dropout(attn, drop) @ v
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop)
         return self.proj(rearrange(y, "b h l d -> b l (h d)"))  # (B, Lq, H)
 
 

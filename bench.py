@@ -424,8 +424,9 @@ def modules_from(folder: str | None):
 
 def install_timm_shim():
     """models/swin_transformer.py imports DropPath, to_2tuple and trunc_normal_ from timm.models.layers; timm
-    is no dependency of this project, so when it is not installed these three stand in (timm's semantics:
-    drop_path keeps a sample with probability 1 − p and scales it by 1/(1 − p), in one multiply)."""
+    is no dependency of this project, so when it is not installed these three stand in, with the semantics
+    of timm 0.4.12 (the version the official get_started.md pins): drop_path keeps a sample with probability
+    1 − p, divides the branch by 1 − p and multiplies it by the 0/1 mask."""
 
     class DropPath(nn.Module):
         def __init__(self, drop_prob: float = 0.0):
@@ -436,8 +437,8 @@ def install_timm_shim():
             if self.drop_prob == 0.0 or not self.training:
                 return x
             keep = 1 - self.drop_prob
-            mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep)
-            return x * mask.div_(keep)
+            mask = (keep + torch.rand((x.shape[0],) + (1,) * (x.dim() - 1), dtype=x.dtype, device=x.device)).floor_()
+            return x / keep * mask
 
     layers = types.ModuleType("timm.models.layers")
     layers.DropPath = DropPath
@@ -548,26 +549,29 @@ def bench_versions(name: str, versions: list[tuple[str, Callable, bool]], args) 
                 if r >= args.warmup:
                     times[(i, kind)].append(time.perf_counter() - t0)
     rows = []
-    ref_train = statistics.median(times[(0, 1)])
     for i, (label, *_rest) in enumerate(built):
         tf, tt = times[(i, 0)], times[(i, 1)]
+        # speed against the first version: the median of the per-run ratios (each pair of runs back to back,
+        # so both met the same load), steadier on a shared machine than the ratio of the two medians
+        paired = {kind: statistics.median(a / b for a, b in zip(times[(0, kind)], times[(i, kind)])) for kind in (0, 1)}
         rows.append({"component": name, "version": label, "device": args.device, "dtype": args.dtype,
                      "batch": args.batch, "img_size": args.img_size, "iters": args.iters,
                      "fwd_samples_s": args.batch / statistics.median(tf),
                      "fwd_spread": [args.batch / max(tf), args.batch / min(tf)],
                      "train_samples_s": args.batch / statistics.median(tt),
                      "train_spread": [args.batch / max(tt), args.batch / min(tt)],
-                     "train_speed_vs_first": ref_train / statistics.median(tt)})
+                     "fwd_speed_vs_first": paired[0], "train_speed_vs_first": paired[1]})
     return rows
 
 
 def markdown_versions(rows: list[dict]) -> str:
     lines = ["| component | version | batch | fwd samples/s (min–max) | train samples/s (min–max) | "
-             "train speed vs the first row |", "|---|---|---|---|---|---|"]
+             "speed vs the first row: fwd, train (median of paired runs) |", "|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['component']} | {r['version']} | {r['batch']} | {r['fwd_samples_s']:.2f} "
                      f"({r['fwd_spread'][0]:.2f}–{r['fwd_spread'][1]:.2f}) | {r['train_samples_s']:.2f} "
-                     f"({r['train_spread'][0]:.2f}–{r['train_spread'][1]:.2f}) | {r['train_speed_vs_first']:.2f}× |")
+                     f"({r['train_spread'][0]:.2f}–{r['train_spread'][1]:.2f}) | "
+                     f"{r['fwd_speed_vs_first']:.2f}×, {r['train_speed_vs_first']:.2f}× |")
     return "\n".join(lines)
 
 
@@ -637,11 +641,11 @@ def compare_versions(args, names: list[str]) -> list[dict]:
     print(f"machine: {machine}, torch {torch.__version__}; {load_before} before, {load_average()} after")
     print(markdown_versions(rows))
     if args.official:
-        official, swin, coswin_t = rows[:3]
+        _, swin, coswin_t = rows[:3]
         print(f"ours/official Swin-T, forward+backward: {swin['train_speed_vs_first']:.2f}× "
-              f"(forward {swin['fwd_samples_s'] / official['fwd_samples_s']:.2f}×); "
-              f"CoSwin-T/Swin-T (ours): {coswin_t['train_samples_s'] / swin['train_samples_s']:.2f}× "
-              f"(forward {coswin_t['fwd_samples_s'] / swin['fwd_samples_s']:.2f}×)")
+              f"(forward {swin['fwd_speed_vs_first']:.2f}×); CoSwin-T/Swin-T (ours), forward+backward: "
+              f"{coswin_t['train_speed_vs_first'] / swin['train_speed_vs_first']:.2f}× "
+              f"(forward {coswin_t['fwd_speed_vs_first'] / swin['fwd_speed_vs_first']:.2f}×); medians of paired runs")
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"machine": machine, "torch": torch.__version__, "load": [load_before, load_average()],

@@ -293,7 +293,7 @@ class WindowAttention(nn.Module):
             out = out.reshape(BnW, h, N, -1)
         else:
             attn = (q * self.scale) @ k.transpose(-2, -1)  # (B·nW, heads, N, N); the scale costs N·d, not N²
-            attn = (attn.view(B, -1, h, N, N) + bias).view(BnW, h, N, N)  # bias broadcast over B (and windows)
+            attn = (attn.view(B, nW, h, N, N) + bias).view(BnW, h, N, N)  # bias broadcast over B (and windows)
             attn = attn.float().softmax(dim=-1).to(v.dtype)  # softmax in fp32
             if self.keep_attn:
                 self.last_attn = attn.detach().view(B, nW * h, N, N)
@@ -344,7 +344,8 @@ class SwinBlock(nn.Module):
     `gather_windows` (default True): the cyclic shift and the window partition are one `index_select`
     with a cached token order, and its inverse undoes both (torch.roll copies the map twice on CPU). False
     runs the reference, torch.roll + window_partition / window_reverse + torch.roll; both are tested equal.
-    Masks and token orders are cached per stage (`Stage` gives its blocks one cache).
+    Masks and token orders are cached per stage (`Stage` gives its blocks one cache). `skip_dropped`
+    (default True): in CPU training the residual branches skip the samples DropPath drops (`residual`).
     """
 
     def __init__(self, dim: int, num_heads: int, window_size: int, shift: int, mlp_ratio: float = 4.0,
@@ -358,6 +359,7 @@ class SwinBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), drop)
         self.gather_windows = True
+        self.skip_dropped = True
         self._mask_cache: dict = {}  # masks and token orders by size; shared by the blocks of a Stage
 
     def window_and_shift(self, H: int, W: int) -> tuple[int, int]:
@@ -382,12 +384,12 @@ class SwinBlock(nn.Module):
             self._mask_cache[key] = order.to(device), torch.argsort(order).to(device)
         return self._mask_cache[key]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def attention_branch(self, x: torch.Tensor) -> torch.Tensor:
+        """(S)W-MSA(LN(x)) for x: (B, H, W, C) → (B, H, W, C)."""
         B, H, W, C = x.shape
         M, s = self.window_and_shift(H, W)
         Hp, Wp = H + -H % M, W + -W % M
         nW = (Hp // M) * (Wp // M)
-        shortcut = x
         x = self.norm1(x)
         if (Hp, Wp) != (H, W):
             x = F.pad(x, (0, 0, 0, Wp - W, 0, Hp - H))  # (B, Hp, Wp, C)
@@ -402,10 +404,30 @@ class SwinBlock(nn.Module):
         else:
             x = window_reverse(windows, M, Hp, Wp)
             x = torch.roll(x, shifts=(s, s), dims=(1, 2)) if s else x
-        if (Hp, Wp) != (H, W):
-            x = x[:, :H, :W]
-        x = shortcut + self.drop_path(x)
-        return x + self.drop_path(self.mlp(self.norm2(x)))
+        return x[:, :H, :W] if (Hp, Wp) != (H, W) else x
+
+    def mlp_branch(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mlp(self.norm2(x))
+
+    def residual(self, x: torch.Tensor, branch) -> torch.Tensor:
+        """x + DropPath(branch(x)). With `skip_dropped` (training on CPU, no dropout inside the branch) the
+        branch runs only on the samples DropPath keeps: the same random draw, the same outputs and gradients
+        (to rounding), without computing the branches DropPath multiplies by zero (Swin-T at drop-path rate
+        0.2: 10% of the blocks' work on average). Off, on CUDA (a host sync per block) or under torch.compile:
+        the reference, the branch on every sample, then DropPath."""
+        p = self.drop_path.p
+        if not (self.skip_dropped and self.training and p > 0 and x.device.type == "cpu" and self.attn.attn_drop == 0
+                and self.mlp.drop.p == 0 and self.attn.proj_drop.p == 0 and not torch.compiler.is_compiling()):
+            return x + self.drop_path(branch(x))
+        keep = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(1 - p)  # DropPath.forward's draw
+        kept = keep.flatten().nonzero().flatten()
+        if len(kept) == x.shape[0]:
+            return x + branch(x) / (1 - p)
+        return x.index_add(0, kept, branch(x.index_select(0, kept)) / (1 - p))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.residual(x, self.attention_branch)
+        return self.residual(x, self.mlp_branch)
 
 
 class Stage(nn.Module):

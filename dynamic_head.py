@@ -240,6 +240,12 @@ def batched_nms(boxes: torch.Tensor, scores: torch.Tensor, idxs: torch.Tensor, i
 # Modulated deformable convolution (DCNv2) in pure torch
 
 
+# On CPU the sampled columns (9× the input) of at most this many bytes are built at a time: the batch is split
+# into chunks (each image is independent). Larger blocks are mapped afresh by the allocator on every call
+# (glibc returns blocks over 32 MB to the system when they are freed); DyHead at batch 8: docs/PERFORMANCE.md.
+DEFORM_CHUNK_BYTES = 16 * 2 ** 20
+
+
 def modulated_deform_conv2d(x: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor,
                             bias: torch.Tensor | None = None, stride=1, padding=0, dilation=1) -> torch.Tensor:
     """DCNv2 with torchvision's `deform_conv2d` layout (pytorch/vision torchvision/ops/deform_conv.py and
@@ -269,6 +275,10 @@ def modulated_deform_conv2d(x: torch.Tensor, offset: torch.Tensor, mask: torch.T
                          f"{C} channels; got {tuple(offset.shape)}")
     if tuple(mask.shape) != (B, G * K, Ho, Wo):
         raise ValueError(f"modulated_deform_conv2d: mask must be {(B, G * K, Ho, Wo)}; got {tuple(mask.shape)}")
+    per = max(1, DEFORM_CHUNK_BYTES // (C * K * Ho * Wo * x.element_size()))  # images whose columns fit the budget
+    if x.device.type == "cpu" and B > per:  # the same result, in batch chunks (see DEFORM_CHUNK_BYTES)
+        return torch.cat([modulated_deform_conv2d(x[i:i + per], offset[i:i + per], mask[i:i + per], weight, bias,
+                                                  stride, padding, dilation) for i in range(0, B, per)])
     # grid_sample with align_corners=True needs ≥ 2 pixels per side; a zero row/column beyond the edge is
     # exactly the "zeros outside" rule, so padding a 1-pixel side changes nothing.
     if H < 2 or W < 2:

@@ -96,10 +96,10 @@ def distinct(n: int) -> list[tuple[int, int, int]]:
 
 def save_png(img: Image.Image, path: str) -> str:
     """Write atomically (temporary file, then rename), PNG with zlib optimisation; a picture that would pass
-    150 KB (photographic tiles) is stored with an adaptive 256-colour palette instead, so figures stay small."""
+    190 KB (photographic tiles) is stored with an adaptive 256-colour palette instead, so figures stay small."""
     tmp = f"{path}.tmp.{os.getpid()}"
     img.save(tmp, format="PNG", optimize=True)
-    if os.path.getsize(tmp) > 150_000:
+    if os.path.getsize(tmp) > 190_000:
         img.convert("RGB").quantize(256).save(tmp, format="PNG", optimize=True)
     os.replace(tmp, path)
     return path
@@ -615,7 +615,8 @@ def _level_names(detector) -> list[str]:
 def fig_scale_attention(detector: dh.Detector, images: torch.Tensor, tile: int = 96) -> Image.Image:
     """Scale-aware attention π_L (DyHead eq. 3, paper §2.4) for a few images: in each block, level l's output
     is the mean of the deformable conv of levels l−1, l and l+1 (aligned to l), each weighted by
-    π_L = hard_sigmoid(ReLU(f(GAP))) ∈ [0.5, 1] (the colour scale's range); the grid shows those weights,
+    π_L = hard_sigmoid(ReLU(f(GAP))) ∈ [0.5, 1] (the colour scale runs from 0.5 to the largest weight drawn);
+    the grid shows those weights,
     row = output level l, column = source level (finer, same, coarser; grey: no such level).
     images: (n, 3, S, S). → RGB image of
     (tile + 24 + blocks·(3·34 + 70) + 60) × (76 + n·(max(tile, L·34 + 14) + 24)) pixels, L levels.
@@ -623,6 +624,7 @@ def fig_scale_attention(detector: dh.Detector, images: torch.Tensor, tile: int =
     records = dyhead_trace(detector, images)
     L = len(records[0]["sizes"])
     names = _level_names(detector)
+    hi = max([float(v.max()) for rec in records for v in rec["scale"].values()] + [0.5 + 1e-3])  # top of the scale
     c = 34
     n = len(images)
     row_h = max(tile, L * c + 14) + 24
@@ -649,10 +651,10 @@ def fig_scale_attention(detector: dh.Detector, images: torch.Tensor, tile: int =
                     if v is None:
                         draw.rectangle([bx, by, bx + c - 2, by + c - 2], fill=(235, 235, 235))
                         continue
-                    draw.rectangle([bx, by, bx + c - 2, by + c - 2], fill=tuple(colours(float(v[i]), 0.5, 1.0)))
+                    draw.rectangle([bx, by, bx + c - 2, by + c - 2], fill=tuple(colours(float(v[i]), 0.5, hi)))
                     text(canvas, (bx + 4, by + c // 2 - 7), f"{float(v[i]):.2f}", 9,
-                         WHITE if float(v[i]) < 0.8 else BLACK)
-    colour_bar(canvas, W_img - 56, 80, 160, 0.5, 1.0, "pi_L")
+                         WHITE if float(v[i]) < 0.5 + 0.6 * (hi - 0.5) else BLACK)
+    colour_bar(canvas, W_img - 56, 80, 160, 0.5, hi, "pi_L")
     return canvas
 
 
@@ -671,7 +673,6 @@ def fig_deformable_points(detector: dh.Detector, image: torch.Tensor, point: tup
     L = len(records[0]["sizes"])
     W_img, H_img = L * (tile + 12) + 90, 60 + len(records) * (tile + 24)
     canvas = Image.new("RGB", (W_img, H_img), WHITE)
-    draw = ImageDraw.Draw(canvas)
     text(canvas, (10, 6), "DyHead spatial-aware attention: the 9 sampling points of a modulated deformable 3x3 conv",
          13)
     text(canvas, (10, 24), "rings: regular grid p + p_k;  dots: p + p_k + dp_k (block's `offset` conv), "
@@ -685,21 +686,23 @@ def fig_deformable_points(detector: dh.Detector, image: torch.Tensor, point: tup
             i, j = min(int(py // stride), Hl - 1), min(int(px // stride), Wl - 1)
             regular, deformed, m = sampling_points(rec, lvl, 0, i, j)
             x0, y0 = 8 + lvl * (tile + 12), 60 + bi * (tile + 24)
-            canvas.paste(pic, (x0, y0))
-            _grid_lines(draw, x0, y0, tile, Wl, fill=(150, 150, 150))
+            panel = pic.copy()  # drawn on its own, so points beyond the image are clipped at its border
+            pd = ImageDraw.Draw(panel)
+            _grid_lines(pd, 0, 0, tile, Wl, fill=(150, 150, 150))
 
-            def to_canvas(yx):
-                return x0 + (float(yx[1]) + 0.5) * stride * scale, y0 + (float(yx[0]) + 0.5) * stride * scale
+            def at(yx):  # a level position (y, x) → panel pixels
+                return (float(yx[1]) + 0.5) * stride * scale, (float(yx[0]) + 0.5) * stride * scale
 
             for k in range(9):
-                (rx, ry), (dx, dy) = to_canvas(regular[k]), to_canvas(deformed[k])
-                draw.line([rx, ry, dx, dy], fill=WHITE, width=1)
-                draw.ellipse([rx - 4, ry - 4, rx + 4, ry + 4], outline=WHITE, width=1)
-                draw.ellipse([dx - 4, dy - 4, dx + 4, dy + 4], fill=tuple(colours(float(m[k]), 0.0, 1.0)),
-                             outline=BLACK)
-            cx, cy = to_canvas(torch.tensor([i, j]))
-            draw.line([cx - 6, cy, cx + 6, cy], fill=RED, width=2)
-            draw.line([cx, cy - 6, cx, cy + 6], fill=RED, width=2)
+                (rx, ry), (dx, dy) = at(regular[k]), at(deformed[k])
+                pd.line([rx, ry, dx, dy], fill=WHITE, width=1)
+                pd.ellipse([rx - 4, ry - 4, rx + 4, ry + 4], outline=WHITE, width=1)
+                pd.ellipse([dx - 4, dy - 4, dx + 4, dy + 4], fill=tuple(colours(float(m[k]), 0.0, 1.0)),
+                           outline=BLACK)
+            cx, cy = at(torch.tensor([i, j]))
+            pd.line([cx - 6, cy, cx + 6, cy], fill=RED, width=2)
+            pd.line([cx, cy - 6, cx, cy + 6], fill=RED, width=2)
+            canvas.paste(panel, (x0, y0))
             shift = float((deformed - regular).norm(dim=1).mean())
             text(canvas, (x0, y0 + tile + 2), f"block {bi + 1}, stride {stride}: mean |dp| = {shift:.2f} "
                                               f"level px", 9)
@@ -732,6 +735,9 @@ def fig_dyrelu(detector: dh.Detector, images: torch.Tensor, channels: int = 4) -
                           "(dynamic_head.DynamicReLU)", 13)
     text(canvas, (10, 24), "slopes' departure from ReLU (a1 = 1, a2 = 0), image 0; one column per channel", 10, GREY)
     dev = []
+    lim = max(max(float((rec["dyrelu"][lvl][0][0] - 1).abs().max()), float(rec["dyrelu"][lvl][2][0].abs().max()))
+              for rec in records for lvl in range(L))
+    lim = max(lim, 1e-3)  # one symmetric scale for every row: the largest departure drawn
     for bi, rec in enumerate(records):
         y = 50 + bi * block_h
         text(canvas, (10, y), f"block {bi + 1}", 11)
@@ -740,9 +746,9 @@ def fig_dyrelu(detector: dh.Detector, images: torch.Tensor, channels: int = 4) -
             for r, (vals, lab) in enumerate(((a1 - 1, "a1 - 1"), (a2, "a2"))):
                 yy = y + 16 + (2 * lvl + r) * rh
                 text(canvas, (20, yy - 3), f"{names_short(detector, lvl)} {lab}", 8, GREY)
-                canvas.paste(heat(vals[None], (cw * C, rh - 1), -1.0, 1.0, DIVERGING), (150, yy))
+                canvas.paste(heat(vals[None], (cw * C, rh - 1), -lim, lim, DIVERGING), (150, yy))
             dev.append(((a1 - 1).abs() + a2.abs()))
-    colour_bar(canvas, W_img - 56, 70, 120, -1.0, 1.0, "slope", DIVERGING)
+    colour_bar(canvas, W_img - 56, 70, 120, -lim, lim, "slope", DIVERGING, fmt="{:.2g}")
     text(canvas, (150, 50 + len(records) * block_h - 12), f"channel 0 .. {C - 1} ->", 9, GREY)
     # curves of the last block for the channels that depart most from ReLU
     top = torch.stack(dev[-L:]).sum(0).topk(min(channels, C)).indices.tolist()
@@ -776,15 +782,40 @@ def fig_dyrelu(detector: dh.Detector, images: torch.Tensor, channels: int = 4) -
 # §2.5 METER: what a question word looks at
 
 
+def question_words(tokenizer, ids: list[int]) -> list[tuple[str, list[int]]]:
+    """Token positions of a tokenised text grouped into its words: a word starts at a token that begins with a
+    space (the BPE keeps a word's leading space, `text_encoder._SPLIT`), or after punctuation; special tokens and
+    punctuation-only tokens are left out. → [(word, [positions])]."""
+    specials = {tokenizer.pad_id, tokenizer.sot_id, tokenizer.eot_id}
+    words: list[tuple[str, list[int]]] = []
+    new_word = True
+    for p, t in enumerate(ids):
+        if t in specials:
+            new_word = True
+            continue
+        piece = tokenizer.decode([t])
+        if not any(ch.isalnum() for ch in piece):
+            new_word = True  # punctuation (or a bare space) ends a word and is not drawn
+            continue
+        if new_word or piece[:1].isspace() or not words:
+            words.append((piece.strip(), [p]))
+        else:
+            words[-1] = (words[-1][0] + piece, words[-1][1] + [p])
+        new_word = False
+    return words
+
+
 def fig_meter_cross_attention(model: meter.METER, tokenizer, images: torch.Tensor, questions: list[str],
-                              answers: list[str] | None = None, layer: int = -1, words: int = 8,
-                              tile: int = 96) -> Image.Image:
+                              answers: list[str] | None = None, truths: list[str] | None = None, layer: int = -1,
+                              words: int = 10, tile: int = 88) -> Image.Image:
     """Text-to-image cross-attention of METER's co-attention (paper §2.5): for each held-out question (rows),
-    the image, then for each of its first `words` tokens the attention of that token (query, text stream of
-    co-attention layer `layer`) over the image tokens (keys), mean over heads, drawn over the image on one scale
-    (`meter.Attention.keep_attn`). With several image levels the last level's tokens are drawn. With `answers`
-    (the VQA vocabulary) the model's answer is written under the image. images: (n, 3, S, S).
-    → RGB image of ((words + 1)·(tile + 6) + 80) × (50 + n·(tile + 34)) pixels.
+    the image, then for each of its first `words` words the attention of that word (queries of the text stream
+    in co-attention layer `layer`) over the image tokens (keys), mean over heads, drawn over the image
+    (`meter.Attention.keep_attn`). A word the tokenizer splits into several tokens is drawn as the mean of its
+    tokens' maps (`question_words`). One colour scale, from the smallest to the largest probability drawn
+    (uniform attention would be 1/N everywhere). With several image levels the last level's tokens are drawn.
+    With `answers` (the VQA vocabulary) the model's answer follows the question, green when it equals
+    `truths[i]`. images: (n, 3, S, S). → RGB image of ((words + 1)·(tile + 6) + 80) × (50 + n·(tile + 34)).
     """
     attn_mod = model.text_layers[layer].cross_attn
     ctx = model.text_encoder.cfg.context_length
@@ -801,32 +832,36 @@ def fig_meter_cross_attention(model: meter.METER, tokenizer, images: torch.Tenso
     h, w = level_sizes[-1]
     start = sum(a * b for a, b in level_sizes[:-1])
     attn = attn[..., start:start + h * w]
-    specials = {tokenizer.pad_id, tokenizer.sot_id, tokenizer.eot_id}
     n = len(images)
-    rows = []
-    for i in range(n):
-        pos = [p for p, t in enumerate(tokens[i].tolist()) if t not in specials][:words]
-        rows.append([(tokenizer.decode([int(tokens[i, p])]).strip() or "_", attn[i, p].view(h, w)) for p in pos])
-    hi = max([float(m.max()) for r in rows for _, m in r] + [1e-6])
+    rows = [[(word, attn[i, pos].mean(0).view(h, w)) for word, pos in question_words(tokenizer, tokens[i].tolist())]
+            [:words] for i in range(n)]
+    maps = [m for r in rows for _, m in r]
+    lo = min((float(m.min()) for m in maps), default=0.0)
+    hi = max(max((float(m.max()) for m in maps), default=1.0), lo + 1e-6)
     W_img, H_img = (words + 1) * (tile + 6) + 80, 50 + n * (tile + 34)
     canvas = Image.new("RGB", (W_img, H_img), WHITE)
-    text(canvas, (10, 6), f"METER cross-attention: each question token (query) over the {h}x{w} image tokens "
+    text(canvas, (10, 6), f"METER cross-attention: each question word (query) over the {h}x{w} image tokens "
                           "(keys)", 13)
     text(canvas, (10, 22), f"text stream, co-attention layer {layer % len(model.text_layers) + 1} of "
-                           f"{len(model.text_layers)}, mean over heads; colour = attention probability", 10, GREY)
+                           f"{len(model.text_layers)}, mean over heads; colour = attention probability "
+                           f"(uniform = 1/{h * w} = {1 / (h * w):.3f})", 10, GREY)
     for i in range(n):
         y = 40 + i * (tile + 34)
         pic = to_pil(images[i], tile)
         canvas.paste(pic, (6, y + 12))
-        q = questions[i]
-        text(canvas, (6, y), q if len(q) < 70 else q[:68] + "..", 10)
+        q = questions[i] if len(questions[i]) < 90 else questions[i][:88] + ".."
+        text(canvas, (6, y), q, 10)
         if answers is not None and "vqa" in out:
-            text(canvas, (6, y + tile + 14), f"answer: {answers[int(out['vqa'][i].argmax())]}", 9, GREEN)
+            said = answers[int(out["vqa"][i].argmax())]
+            ok = truths is None or said == truths[i]
+            x_ans = 16 + int(ImageDraw.Draw(canvas).textlength(q, font=font(10)))
+            text(canvas, (x_ans, y), f"model: {said}" + ("" if ok else f" (true: {truths[i]})"), 10,
+                 GREEN if ok else RED)
         for k, (word, m) in enumerate(rows[i]):
             x = 6 + (k + 1) * (tile + 6)
-            canvas.paste(overlay(pic, m, 0.0, hi), (x, y + 12))
+            canvas.paste(overlay(pic, m, lo, hi), (x, y + 12))
             text(canvas, (x, y + tile + 14), f"'{word}'", 10)
-    colour_bar(canvas, W_img - 62, 70, 180, 0.0, hi, "p")
+    colour_bar(canvas, W_img - 62, 70, 180, lo, hi, "p", fmt="{:.3f}")
     return canvas
 
 
@@ -840,7 +875,7 @@ def fig_static_clip(image_encoder: coswin.CoSwin, image: torch.Tensor, num_frame
     (`num_frames` copies of `image`). For each stage (rows): the image model's map, then the video model's map at
     each of its time steps (at most 4 drawn), as the per-token feature norm ‖f‖ on the row's scale, and the
     largest |video − image| over every time step and channel. image: (3, S, S).
-    → RGB image of (5·(tile + 8) + 260) × (60 + stages·(tile + 20)) pixels.
+    → RGB image of (5·(tile + 8) + 300) × (60 + stages·(tile + 20)) pixels.
     """
     video = video_coswin.VideoCoSwin.from_image_model(image_encoder, temporal_kernel)
     clip = image[None, :, None].expand(1, -1, num_frames, -1, -1).contiguous()
@@ -848,7 +883,7 @@ def fig_static_clip(image_encoder: coswin.CoSwin, image: torch.Tensor, num_frame
         maps2d = image_encoder.forward_features(image[None])
         maps3d = video.forward_features(clip)
     n = len(maps2d)
-    W_img, H_img = 5 * (tile + 8) + 260, 60 + n * (tile + 20)
+    W_img, H_img = 5 * (tile + 8) + 300, 60 + n * (tile + 20)
     canvas = Image.new("RGB", (W_img, H_img), WHITE)
     text(canvas, (10, 6), f"Inflation: a static clip ({num_frames} copies of one image) through Video CoSwin = the "
                           "image model", 13)
@@ -871,6 +906,7 @@ def fig_static_clip(image_encoder: coswin.CoSwin, image: torch.Tensor, num_frame
         text(canvas, (5 * (tile + 8) + 10, y + 24), f"max |video - image| = {diff:.1e}", 10,
              GREEN if diff < 1e-4 else RED)
         text(canvas, (5 * (tile + 8) + 10, y + 40), f"norm from {lo:.2g} to {hi:.2g}", 9, GREY)
+    colour_bar(canvas, W_img - 70, 76, 120, 0.0, 1.0, "norm: row min..max")
     return canvas
 
 
@@ -936,7 +972,7 @@ def fig_frame_attention(before: video_coswin.VideoCoSwin, after: video_coswin.Vi
             for a in range(T):
                 for b in range(T):
                     v = float(mat[a, b])
-                    text(canvas, (x + b * cell + 4, y + 14 + a * cell + cell // 2 - 6), f"{v:.2f}", 9,
+                    text(canvas, (x + b * cell + 3, y + 14 + a * cell + cell // 2 - 6), f"{v:.3f}", 9,
                          WHITE if v < 0.6 else BLACK)
             text(canvas, (x, y), name, 10)
             text(canvas, (x, y + 16 + T * cell), f"window {ws[0]}x{ws[1]}x{ws[2]}, shift {shift[0]}", 9, GREY)
@@ -1055,7 +1091,7 @@ def main(argv=None) -> int:
         held = _held_out("vqa", cfg, 4)
         put("meter_cross_attention.png", fig_meter_cross_attention(
             model, tok, torch.stack([s["image"] for s in held]), [s["question"] for s in held],
-            ckpt["task"].get("answers")))
+            ckpt["task"].get("answers"), [s.get("answer") for s in held]))
 
     vid = load_run(args.runs, "video")
     if vid is not None and pre is not None:

@@ -63,7 +63,7 @@ class Config:
     task: str = "pretrain"  # pretrain | detect | itm_mlm | vqa | video | linear_probe | classify (tasks/__init__.py)
     preset: str = "toy"  # toy | tiny | base | florence: the two towers' sizes (unicl.PRESETS)
     data: str = "synthetic"  # synthetic[:N] | csv:FILE | shards:DIR | folder:DIR | coco:… | vqa:… | video:… (data/README.md)
-    eval_data: str = ""  # same forms, or holdout; "" = synthetic for synthetic --data, else (pretrain) holdout: a slice of --data
+    eval_data: str = ""  # same forms, or holdout; "" = synthetic for synthetic --data, else (pretrain) holdout: a slice of --data (tar shards: the last shard)
     img_size: int = 0  # 0 = the preset's (64 toy, 224 otherwise) × the task's img_scale; 384 for the paper's last phase
     window_size: int = 0  # 0 = the image preset's; 12 at 384 (bias tables are resized on --init_from)
     init_from: str = ""  # a checkpoint whose weights start this run (e.g. the 224 run before 384, or the towers of an adapter)

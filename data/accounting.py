@@ -107,10 +107,10 @@ class AccountedCollate:
 class SkipTally:
     """Samples read and skipped over a run, by kind, with the first few messages."""
 
-    def __init__(self, read: int = 0, skipped: int = 0, kinds: dict | None = None):
+    def __init__(self, read: int = 0, skipped: int = 0, kinds: dict | None = None, examples: list | None = None):
         self.read, self.skipped = read, skipped
         self.kinds = Counter(kinds or {})
-        self.examples: list[str] = []
+        self.examples: list[str] = list(examples or [])[:5]
 
     def add(self, batch: dict) -> int:
         """Take the counts out of a batch; → the number of samples it skipped."""
@@ -137,7 +137,7 @@ class SkipTally:
         return f"{self.skipped} sample{'s' if self.skipped != 1 else ''} skipped ({parts}) of {self.read} read"
 
     def state(self) -> dict:
-        return {"read": self.read, "skipped": self.skipped, "kinds": dict(self.kinds)}
+        return {"read": self.read, "skipped": self.skipped, "kinds": dict(self.kinds), "examples": list(self.examples)}
 
     @classmethod
     def merged(cls, states: list[dict]) -> "SkipTally":
@@ -147,4 +147,5 @@ class SkipTally:
             out.read += st["read"]
             out.skipped += st["skipped"]
             out.kinds.update(st["kinds"])
+            out.examples += st.get("examples", [])[:5 - len(out.examples)]
         return out

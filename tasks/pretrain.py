@@ -79,8 +79,7 @@ class PretrainTask(Task):
         <run>/holdout_rows.json."""
         cfg = self.cfg
         if isinstance(self._train, IterableDataset):
-            raise SystemExit(f"train.py: --data {cfg.data!r} is a stream, so no rows can be held out of it; give a "
-                             "held-out set with --eval_data (e.g. shards:OTHER_DIR or folder:DIR)")
+            return self._hold_out_shard()
         rows = data.holdout_rows(len(self._train), cfg.eval_size)
         if len(rows) == len(self._train):
             raise SystemExit(f"train.py: --data {cfg.data!r} has {len(self._train)} rows, too few to hold some out; "
@@ -97,6 +96,25 @@ class PretrainTask(Task):
             tqdm.write(f"held out for evaluation: {len(rows)} of the {n} rows of --data {cfg.data}, evenly spaced "
                        f"(rows {', '.join(map(str, rows[:3]))}, …; all in {run_dir}/holdout_rows.json); training "
                        f"uses the other {len(self._train)}")
+
+    def _hold_out_shard(self):
+        """Tar shards are streamed, not indexed: the held-out set is the last shard (in name order), read
+        whole without augmentation; training streams the others. One shard leaves nothing to hold out."""
+        cfg = self.cfg
+        shards = list(getattr(self._train, "shards", []))
+        if len(shards) < 2:
+            raise SystemExit(f"train.py: --data {cfg.data!r} is one tar shard, streamed, so nothing can be held out "
+                             "of it for evaluation; write the data as several shards (the last is then held out) or "
+                             "give a held-out set with --eval_data (e.g. shards:OTHER_DIR or folder:DIR)")
+        self._eval = build_data(cfg.data, "val", cfg, "pretrain", "held-out")
+        self._eval.shards, self._train.shards = shards[-1:], shards[:-1]
+        if self.dist.main:
+            run_dir = os.path.join(cfg.out_dir, cfg.name)
+            os.makedirs(run_dir, exist_ok=True)
+            with open(os.path.join(run_dir, "holdout_rows.json"), "w") as fh:
+                json.dump({"data": cfg.data, "shards": shards[-1:]}, fh)
+            tqdm.write(f"held out for evaluation: the last of the {len(shards)} shards of --data {cfg.data} "
+                       f"({shards[-1]}); training streams the other {len(shards) - 1}")
 
     def eval_dataset(self):
         if self._eval is None:
@@ -174,7 +192,7 @@ class PretrainTask(Task):
         cfg, tok = self.cfg, self.build_tokenizer()
         public = None
         if getattr(self, "_towers", None) is not None:  # resumed: the towers this run was built with
-            self.model_args = self._towers
+            self.model_args = resumed_towers(self._towers, cfg)
         else:
             self.model_args = towers_args(cfg, tok.vocab_size, tokenizer=tok)
             if self.init_checkpoint is not None:
@@ -425,6 +443,24 @@ def towers_args(cfg, vocab_size: int, tokenizer=None) -> dict:
                      if getattr(tokenizer, f) != getattr(default, f)}
     return unicl.model_args(unicl.config(cfg.preset, vocab_size=vocab_size, image_overrides=over,
                                          text_overrides=text_over))
+
+
+def resumed_towers(towers: dict, cfg) -> dict:
+    """A resumed run is rebuilt with the towers its checkpoint holds. --drop_path, which owns no weight, may
+    change; a --window_size other than the checkpoint's would change the bias tables' shapes, which a resume
+    cannot load: refused (a new window is a new run: --init_from, whose load resizes the tables)."""
+    import coswin
+
+    over = dict(towers.get("image_overrides", {}))
+    window = over.get("window_size") or coswin.preset_config(coswin.PRESETS, towers["image"]).window_size
+    if cfg.window_size and cfg.window_size != window:
+        raise SystemExit(f"train.py: the checkpoint is from a different architecture (window {window}, so its "
+                         f"relative_position_bias_table tensors do not fit --window_size {cfg.window_size}); resume "
+                         f"with --window_size {window}, or start a new run with --init_from CKPT --window_size "
+                         f"{cfg.window_size} (its load resizes the tables)")
+    if cfg.drop_path >= 0:
+        over["drop_path_rate"] = cfg.drop_path
+    return {**towers, "image_overrides": over}
 
 
 # ----------------------------------------------------------------------------------------------------

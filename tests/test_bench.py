@@ -84,8 +84,6 @@ def test_official_comparison_checks_the_outputs_then_prints_the_ratios(tmp_path,
     import json
     import sys
 
-    import pytest
-
     out = tmp_path / "o.json"
     args = ["--official", str(_checkout(tmp_path)), "--device", "cpu", "--batch", "1", "--img_size", "64",
             "--warmup", "0", "--iters", "1", "--out", str(out)]
@@ -95,8 +93,10 @@ def test_official_comparison_checks_the_outputs_then_prints_the_ratios(tmp_path,
     text = capsys.readouterr().out
     assert "ours/official Swin-T, forward+backward:" in text and "CoSwin-T/Swin-T (ours):" in text
     assert "load average" in text and len(json.loads(out.read_text())["rows"]) == 3
-    if "timm" in sys.modules and not hasattr(sys.modules["timm"], "__file__"):
-        assert sys.modules["timm.models.layers"].DropPath(0.5).eval()(torch.ones(2)).tolist() == [1.0, 1.0]
+    if "timm" in sys.modules and not hasattr(sys.modules["timm"], "__file__"):  # the shim: timm 0.4.12's drop path
+        drop = sys.modules["timm.models.layers"].DropPath(0.5)
+        assert drop.eval()(torch.ones(2)).tolist() == [1.0, 1.0]
+        assert set(drop.train()(torch.ones(4000, 1)).flatten().tolist()) == {0.0, 2.0}
     # a version that does not compute the same function from the same weights is refused, not timed
     with pytest.raises(SystemExit, match="does not compute what"):
         bench.main(["--official", str(_checkout(tmp_path / "off", offset=0.5)), *args[2:]])
@@ -104,8 +104,6 @@ def test_official_comparison_checks_the_outputs_then_prints_the_ratios(tmp_path,
 
 def test_ab_builds_the_older_version_from_its_folder_and_gives_the_modules_back(tmp_path):
     import sys
-
-    import pytest
 
     import coswin
 
@@ -141,7 +139,6 @@ def test_dyhead_component_is_the_six_paper_blocks_on_a_p3_to_p7_pyramid():
 def test_gpu_check_runs_its_steps_tiny_on_cpu_and_prints_one_table(tmp_path):
     import json
     import subprocess
-    import sys
     from pathlib import Path
 
     root = Path(bench.__file__).parent

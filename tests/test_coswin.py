@@ -179,7 +179,7 @@ def test_block_fast_paths_equal_the_reference_paths(H, W, shift):
     fast = SwinBlock(8, 2, 4, shift, drop_path=0.3).double()
     ref = SwinBlock(8, 2, 4, shift, drop_path=0.3, fused=False).double()
     ref.load_state_dict(fast.state_dict())
-    ref.gather_windows = False
+    ref.gather_windows, ref.skip_dropped = False, False
     x = torch.randn(3, H, W, 8, dtype=torch.float64)
     (out_f, g_f), (out_r, g_r) = _step(fast, x), _step(ref, x)
     torch.testing.assert_close(out_f, out_r)
@@ -196,12 +196,36 @@ def test_whole_model_fast_paths_equal_the_reference_paths_in_training():
     ref.load_state_dict(fast.state_dict())
     for m in ref.modules():
         if isinstance(m, SwinBlock):
-            m.gather_windows = False
-    x = torch.randn(2, 3, 61, 75, dtype=torch.float64)  # padded maps, shifted and unshifted blocks
+            m.gather_windows, m.skip_dropped = False, False
+    x = torch.randn(4, 3, 61, 75, dtype=torch.float64)  # padded maps, shifted and unshifted blocks
     (out_f, g_f), (out_r, g_r) = _step(fast, x), _step(ref, x)
     torch.testing.assert_close(out_f, out_r)
     for n in g_r:
         torch.testing.assert_close(g_f[n], g_r[n], msg=n)
+
+
+@pytest.mark.parametrize("p", [0.5, 0.999])
+def test_skipping_dropped_samples_equals_drop_path_on_the_whole_batch(p):
+    """The branches run only on the samples DropPath keeps: the same draw gives the same output and the same
+    gradients (to rounding: the matmuls see fewer rows); when every sample is dropped the branch's parameters get zeros, not None (DDP and
+    AdamW see every parameter)."""
+    torch.manual_seed(0)
+    fast = SwinBlock(8, 2, 4, 2, drop_path=p).double()
+    ref = SwinBlock(8, 2, 4, 2, drop_path=p).double()
+    ref.load_state_dict(fast.state_dict())
+    ref.skip_dropped = False
+    x = torch.randn(6, 7, 10, 8, dtype=torch.float64)
+    for seed in range(4):
+        (out_f, g_f), (out_r, g_r) = _step(fast, x, seed), _step(ref, x, seed)
+        torch.testing.assert_close(out_f, out_r, rtol=1e-12, atol=1e-12)
+        for n in g_r:
+            assert g_f[n] is not None, n
+            torch.testing.assert_close(g_f[n], g_r[n], msg=n)
+    kept = []
+    for seed in range(20):  # the draws are DropPath's: about 1 − p of the samples are kept
+        torch.manual_seed(seed)
+        kept.append(float(fast.drop_path.train()(torch.ones(6, 1)).ne(0).float().mean()))
+    assert abs(sum(kept) / len(kept) - (1 - p)) < 0.2
 
 
 def test_fused_attention_runs_sdpa_unless_a_cpu_bias_needs_a_gradient(monkeypatch):

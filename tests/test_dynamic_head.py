@@ -165,6 +165,17 @@ def test_deform_conv_equals_the_einsum_over_its_columns_in_value_and_gradients(s
         torch.testing.assert_close(a, e, msg=name)
 
 
+def test_deform_conv_in_batch_chunks_equals_the_whole_batch(monkeypatch):
+    torch.manual_seed(0)
+    x = torch.randn(5, 4, 6, 7, dtype=torch.float64)
+    w, b = torch.randn(3, 4, 3, 3, dtype=torch.float64), torch.randn(3, dtype=torch.float64)
+    off, mask = _random_offsets(5, 1, 9, 6, 7, seed=3), torch.rand(5, 9, 6, 7, dtype=torch.float64)
+    whole = dh.modulated_deform_conv2d(x, off, mask, w, b, 1, 1)
+    monkeypatch.setattr(dh, "DEFORM_CHUNK_BYTES", 2 * 4 * 9 * 6 * 7 * 8)  # two images per chunk: 2 + 2 + 1
+    chunks = dh.modulated_deform_conv2d(x, off, mask, w, b, 1, 1)
+    torch.testing.assert_close(chunks, whole, rtol=1e-12, atol=1e-12)
+
+
 def test_deform_conv_rejects_offsets_of_the_wrong_size():
     x, w = torch.randn(1, 2, 8, 8), torch.randn(2, 2, 3, 3)
     with pytest.raises(ValueError, match="offset must be"):  # the official DyHead bug: offsets of twice the size

@@ -105,7 +105,7 @@ def test_meter_figure_size_and_determinism(toy):
 def test_video_figures_size_and_determinism(toy):
     enc = toy["florence"].image_encoder
     img = _twice(lambda: fg.fig_static_clip(enc, toy["images"][0], tile=48))
-    assert img.size == (5 * (48 + 8) + 260, 60 + len(enc.layers) * (48 + 20))
+    assert img.size == (5 * (48 + 8) + 300, 60 + len(enc.layers) * (48 + 20))
     img = _twice(lambda: fg.fig_frame_attention(toy["video"], toy["video"], toy["clips"], cell=30))
     # at 32² and 8 frames: stage 1 has 4 time steps, stage 2 two, stages 3-4 one → 4 blocks drawn, T1 = 4
     assert img.size == (220 + 4 * (4 * 30 + 24) + 70, 80 + 2 * (4 * 30 + 70))

@@ -127,10 +127,10 @@ def test_data_that_forms_no_batch_stops_in_seconds_with_counts_and_reasons(tmp_p
     p = _run_cli(FAST + ["--data", spec, "--max_steps", "5", "--out_dir", str(tmp_path), "--name", "nobatch"])
     assert p.returncode != 0 and time.time() - t0 < 120
     err = p.stderr.strip().splitlines()[-1]
-    assert "no training batch could be formed" in err and "missing" in err and "0.png" in err, err
+    assert "no training batch could be formed" in err and "missing" in err and ".png: the image file does not exist" in err, err
     # tar shards with fewer samples than one batch: an epoch that forms no batch stops the run too
     write_shards(((f"{i:04d}", Image.fromarray(shapes.image_uint8(i)), "a red circle") for i in range(3)),
-                 str(tmp_path / "few"))
+                 str(tmp_path / "few"), per_shard=2)  # two shards: the last is held out, two samples train
     p = _run_cli(FAST + ["--data", f"shards:{tmp_path / 'few'}", "--out_dir", str(tmp_path), "--name", "few"])
     assert p.returncode != 0 and "formed no micro-batch of 16 samples" in p.stderr, p.stderr[-2000:]
 
@@ -138,7 +138,7 @@ def test_data_that_forms_no_batch_stops_in_seconds_with_counts_and_reasons(tmp_p
 def test_skipped_samples_are_counted_by_kind_in_the_log_and_the_end_record(tmp_path, shapes, capsys):
     spec = write_csv(tmp_path, shapes, n=32, missing=(3, 7, 11))
     t = make_trainer(tmp_path, "--data", spec, "--max_steps", "4", "--batch_size", "8", "--eval_every", "100",
-                     name="skips")
+                     "--eval_data", "synthetic", name="skips")
     t.fit()
     rows = [json.loads(line) for line in open(tmp_path / "skips" / "metrics.jsonl")]
     end = rows[-1]
@@ -148,6 +148,7 @@ def test_skipped_samples_are_counted_by_kind_in_the_log_and_the_end_record(tmp_p
     out = capsys.readouterr().out
     assert "3 samples skipped (3 missing) of 32 read" in out
     assert "WARNING: 9.4% of the training samples read were skipped" in out  # above 5%: said loudly
+    assert "first reasons: skipping " in out and "imgs/3.png: the image file does not exist" in out  # named
 
 
 def test_a_failed_save_keeps_the_previous_checkpoint_and_says_why(tmp_path, monkeypatch):
@@ -262,7 +263,7 @@ def test_stage2_drops_the_short_texts_of_a_csv_and_keeps_batches_full(tmp_path, 
     words = ["dog", "golden retriever", "a dog on the grass", "a photo of a dog."]
     spec = write_csv(tmp_path, shapes, n=32, captions=[words[i % 4] for i in range(32)])
     t = make_trainer(tmp_path, "--data", spec, "--stage", "2", "--max_steps", "2", "--batch_size", "8",
-                     "--eval_every", "100", name="s2")
+                     "--eval_every", "100", "--eval_data", "synthetic", name="s2")
     ds = t.task.train_dataset()
     assert isinstance(ds, Stage2Data) and len(ds) == 32
     texts = [ds[i]["text"] for i in range(len(ds))]
@@ -317,3 +318,17 @@ def test_an_unreadable_vqa_question_scores_zero_and_is_counted(tmp_path):
     scores = meter.vqa_metric(good[0], good[1])
     assert holed["vqa_score"] == pytest.approx(float(scores[4:].sum()) / 16)
     assert holed["vqa_score"] <= full["vqa_score"] + 1e-9 or float(scores[:4].sum()) == 0
+
+
+def test_tar_shards_hold_out_their_last_shard_and_one_shard_is_refused(tmp_path, shapes):
+    write_shards(((f"{i:04d}", Image.fromarray(shapes.image_uint8(i)), shapes.scene(i)["text"]) for i in range(30)),
+                 str(tmp_path / "sh"), per_shard=10)
+    t = make_trainer(tmp_path, "--data", f"shards:{tmp_path / 'sh'}", "--max_steps", "1", name="held")
+    train, held = t.task._train, t.task.eval_dataset()
+    assert len(train.shards) == 2 and held.shards == [sorted(train.shards + held.shards)[-1]]
+    assert json.loads((tmp_path / "held" / "holdout_rows.json").read_text())["shards"] == held.shards
+    assert not held.shuffle  # read whole, in order, without augmentation
+    write_shards(((f"{i:04d}", Image.fromarray(shapes.image_uint8(i)), "a red circle") for i in range(4)),
+                 str(tmp_path / "one"))
+    with pytest.raises(SystemExit, match="one tar shard.*--eval_data"):
+        make_trainer(tmp_path, "--data", f"shards:{tmp_path / 'one'}", "--max_steps", "1", name="one")

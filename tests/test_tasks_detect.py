@@ -93,7 +93,7 @@ def test_dydetr_adapter_runs_logs_fractions_and_rebuilds_from_model_args(tmp_pat
         TASKS["detect"].rebuild({**ckpt["model_args"], "adapter": "detr3d"})
 
 
-def test_dydetr_takes_its_own_demo_budget_where_no_flag_set_one(tmp_path):
+def test_dydetr_takes_its_own_defaults_where_no_flag_set_them(tmp_path):
     def cfg(*flags):
         c = train.resolved(train.parse_config(["--task", "detect", "--out_dir", str(tmp_path), *flags]))
         return DetectTask.resolve_config(c, None)
@@ -103,3 +103,6 @@ def test_dydetr_takes_its_own_demo_budget_where_no_flag_set_one(tmp_path):
     assert cfg("--det_adapter", "dydetr").max_minutes == own
     assert cfg("--det_adapter", "dydetr", "--max_minutes", "3").max_minutes == 3.0  # a flag wins
     assert cfg("--det_adapter", "dydetr", "--preset", "tiny").max_minutes == 0.0  # not the CPU demo: no budget
+    assert cfg("--det_adapter", "dydetr", "--preset", "tiny").det_classifier == "frozen"  # every run
+    assert cfg("--det_adapter", "dydetr", "--det_classifier", "fixed").det_classifier == "fixed"
+    assert cfg().det_classifier == "text"

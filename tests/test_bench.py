@@ -91,7 +91,7 @@ def test_official_comparison_checks_the_outputs_then_prints_the_ratios(tmp_path,
     assert [r["version"].split(",")[0] for r in rows] == ["official Swin-T (microsoft/Swin-Transformer)", "ours", "ours"]
     assert rows[0]["train_speed_vs_first"] == 1.0 and all(r["train_samples_s"] > 0 for r in rows)
     text = capsys.readouterr().out
-    assert "ours/official Swin-T, forward+backward:" in text and "CoSwin-T/Swin-T (ours):" in text
+    assert "ours/official Swin-T, forward+backward:" in text and "CoSwin-T/Swin-T (ours), forward+backward:" in text
     assert "load average" in text and len(json.loads(out.read_text())["rows"]) == 3
     if "timm" in sys.modules and not hasattr(sys.modules["timm"], "__file__"):  # the shim: timm 0.4.12's drop path
         drop = sys.modules["timm.models.layers"].DropPath(0.5)

@@ -61,19 +61,18 @@ class DetectTask(Task):
         img_size=64,  # 64² ShapesDetection: objects of 8–19 px, enough for the toy head's strides 4–16
         max_minutes=12.0)  # the schedule fitted to a 12-minute CPU run
     # --det_adapter dydetr's own values, where the field still holds the value the defaults above gave it
-    # (neither a flag nor --config set it): "all" runs, and "demo" ones for the CPU demo only. Its model
+    # (neither a flag nor --config set it), for every run ("all"). Its model
     # sizes (16 queries, 3 decoder layers, …) are its preset's, dynamic_detr.PRESETS["toy"].
     adapter_defaults = {"dydetr": {
         # frozen class embeddings (ViLD's fixed text classifier): fine-tuned with one positive query per
         # object and every other query a negative, the tower drove the 20 class prompts together (mean
         # cosine 0.03 → 0.59 in 150 steps), so shapes could no longer be told apart
-        "all": dict(det_classifier="frozen"),
-        "demo": dict(max_minutes=14.0)}}  # docs/EXPERIMENTS.md, detect
+        "all": dict(det_classifier="frozen")}}  # the CPU demo's 12 minutes are DyHead's: the two compare at one budget
 
     @classmethod
     def resolve_config(cls, cfg, source: dict | None):
-        """The adapter's own defaults (adapter_defaults: "all" runs, "demo" the CPU demo) replace the detect
-        task's where the config still holds those. A flag that repeats a detect default cannot be told from
+        """The adapter's own defaults (adapter_defaults) replace the detect task's where the config still
+        holds those. A flag that repeats a detect default cannot be told from
         no flag here (the config holds the same value), so it gets the adapter's value too."""
         own = cls.adapter_defaults.get(cfg.det_adapter)
         if not own:
@@ -82,7 +81,6 @@ class DetectTask(Task):
         base, wanted = dict(cls.defaults), dict(own.get("all", {}))
         if demo:
             base.update(cls.demo_defaults)
-            wanted.update(own.get("demo", {}))
         return dataclasses.replace(cfg, **{k: v for k, v in wanted.items() if getattr(cfg, k) == base.get(k)})
 
     def __init__(self, cfg, d):

@@ -99,8 +99,7 @@ def test_dydetr_takes_its_own_defaults_where_no_flag_set_them(tmp_path):
         return DetectTask.resolve_config(c, None)
 
     assert cfg().max_minutes == DetectTask.demo_defaults["max_minutes"]  # dyhead: the detect demo budget
-    own = DetectTask.adapter_defaults["dydetr"]["demo"]["max_minutes"]
-    assert cfg("--det_adapter", "dydetr").max_minutes == own
+    assert cfg("--det_adapter", "dydetr").max_minutes == DetectTask.demo_defaults["max_minutes"]  # one budget
     assert cfg("--det_adapter", "dydetr", "--max_minutes", "3").max_minutes == 3.0  # a flag wins
     assert cfg("--det_adapter", "dydetr", "--preset", "tiny").max_minutes == 0.0  # not the CPU demo: no budget
     assert cfg("--det_adapter", "dydetr", "--preset", "tiny").det_classifier == "frozen"  # every run

@@ -256,3 +256,25 @@ def test_gradient_buckets_cover_every_parameter_once_in_a_handful_of_collectives
         assert all(torch.equal(p.grad, w) for p, w in zip(ps, want)) and torch.equal(ps[2].grad, torch.zeros(7))
     finally:
         dist.destroy_process_group()
+
+
+def test_cpu_adamw_is_the_fused_kernel_and_steps_as_the_per_tensor_loop(tmp_path):
+    """The fused AdamW (one kernel over every parameter) takes the same steps as torch's reference loop,
+    weight decay and the groups' lr scales included; the Trainer uses it on CPU unless FSDP shards."""
+    assert train.fused_adamw(torch.device("cpu")) and not train.fused_adamw(torch.device("cpu"), sharded=True)
+    torch.manual_seed(0)
+    ps = [torch.nn.Parameter(torch.randn(7, 3)) for _ in range(4)]
+    qs = [torch.nn.Parameter(p.detach().clone()) for p in ps]
+    kw = dict(lr=1e-2, betas=(0.9, 0.98), eps=1e-6)
+    groups = lambda xs: [{"params": xs[:2], "weight_decay": 0.1}, {"params": xs[2:], "weight_decay": 0.0, "lr": 2e-3}]
+    fused, loop = torch.optim.AdamW(groups(ps), fused=True, **kw), torch.optim.AdamW(groups(qs), foreach=False, **kw)
+    for _ in range(6):
+        for p, q in zip(ps, qs):
+            p.grad = torch.randn_like(p)
+            q.grad = p.grad.clone()
+        fused.step()
+        loop.step()
+    for p, q in zip(ps, qs):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+    t = make_trainer(tmp_path, "--max_steps", "1", name="opt")
+    assert t.optimizer.defaults["fused"] is True

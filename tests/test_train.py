@@ -185,6 +185,12 @@ def test_bad_checkpoints_fail_with_a_clear_message(tmp_path):
     t.fit()
     with pytest.raises(SystemExit, match=r"different architecture.*relative_position_bias_table"):
         make_trainer(tmp_path, "--window_size", "2", "--resume", str(tmp_path / "small" / "ckpt.pt"), name="c3")
+    # a resume keeps the checkpoint's towers but takes a new --drop_path (it owns no weight)
+    import coswin
+
+    t = make_trainer(tmp_path, "--drop_path", "0.3", "--resume", str(tmp_path / "small" / "ckpt.pt"), name="c4")
+    assert t.task.model_args["image_overrides"]["drop_path_rate"] == 0.3
+    assert max(m.drop_path.p for m in t.model.modules() if isinstance(m, coswin.SwinBlock)) > 0
 
 
 def test_flags_config_file_and_unknown_flags(tmp_path):

@@ -486,7 +486,7 @@ class DecoderLayer(nn.Module):
 # The detector
 
 
-class DynamicDETR(nn.Module):
+class DynamicDETR(dh.TextClassified, nn.Module):
     """Florence's Dynamic DETR adapter.
 
     backbone: a CoSwin; text: a `dynamic_head.TextTower` (text-aligned classes; the training vocabulary's
@@ -525,35 +525,6 @@ class DynamicDETR(nn.Module):
             for layer in self.layers:
                 nn.init.constant_(layer.cls_out.bias, prior)
         self.max_logit_scale = math.log(100.0)
-
-    @classmethod
-    def from_pretrained(cls, florence: nn.Module, cfg: DynamicDETRConfig, classifier: str = "text",
-                        num_classes: int = 0) -> "DynamicDETR":
-        """The adapter on a pretrained Florence model: its CoSwin is the backbone; classifier "text"
-        (fine-tuned) or "frozen" takes its text tower + projection as the class embeddings, "fixed" one
-        logit per class."""
-        if classifier not in ("text", "frozen", "fixed"):
-            raise ValueError(f"classifier must be text, frozen or fixed, got {classifier!r}")
-        if classifier == "fixed":
-            return cls(florence.image_encoder, cfg, num_classes=num_classes)
-        return cls(florence.image_encoder, cfg,
-                   text=dh.TextTower(florence.text_encoder, florence.text_proj, trainable=classifier == "text"))
-
-    # -- classes (as dynamic_head.Detector) -----------------------------------------------------------
-    @torch.no_grad()
-    def set_classes(self, tokens: torch.Tensor):
-        self.class_tokens = tokens.detach().to(self.class_tokens.device, torch.long).clone()
-
-    def encode_classes(self, tokens: torch.Tensor | None = None) -> torch.Tensor:
-        tokens = self.class_tokens if tokens is None else tokens
-        if tokens.numel() == 0:
-            raise ValueError("DynamicDETR: no class names; call set_classes(tokens) or pass class_tokens")
-        return self.text.encode_text(tokens.to(self.class_tokens.device))
-
-    @torch.no_grad()
-    def clamp_logit_scale_(self):
-        if self.text is not None:
-            self.log_scale.clamp_(0.0, self.max_logit_scale)
 
     # -- forward ---------------------------------------------------------------------------------------
     def forward(self, images: torch.Tensor, class_tokens: torch.Tensor | None = None) -> dict:

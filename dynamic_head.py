@@ -519,7 +519,43 @@ def sigmoid_focal_loss(logits: torch.Tensor, targets: torch.Tensor, alpha: float
     return (alpha_t * (1 - p_t) ** gamma * ce).sum()
 
 
-class Detector(nn.Module):
+class TextClassified:
+    """What both object-level adapters (`Detector` here, `dynamic_detr.DynamicDETR`) share about their
+    classes: built on a pretrained Florence model, scored against class-name embeddings from its text tower
+    (`TextTower`, zero-shot by name) or one fixed logit per class, the learned logit scale clamped as CLIP's.
+    The adapter sets `text` (None for fixed classes), `class_tokens`, `log_scale` and `max_logit_scale`."""
+
+    @classmethod
+    def from_pretrained(cls, florence: nn.Module, cfg, classifier: str = "text", num_classes: int = 0):
+        """The adapter on a pretrained Florence model (unicl.Florence): its CoSwin is the backbone; with
+        classifier "text" (fine-tuned) or "frozen" the classes are its text tower + projection (`TextTower`,
+        zero-shot by name), with "fixed" a logit per class (`num_classes`), the text tower unused."""
+        if classifier not in ("text", "frozen", "fixed"):
+            raise ValueError(f"classifier must be text, frozen or fixed, got {classifier!r}")
+        if classifier == "fixed":
+            return cls(florence.image_encoder, cfg, num_classes=num_classes)
+        text = TextTower(florence.text_encoder, florence.text_proj, trainable=classifier == "text")
+        return cls(florence.image_encoder, cfg, text=text)
+
+    @torch.no_grad()
+    def set_classes(self, tokens: torch.Tensor):
+        """Store the training vocabulary's tokenised class prompts (K, L) (saved with the model)."""
+        self.class_tokens = tokens.detach().to(self.class_tokens.device, torch.long).clone()
+
+    def encode_classes(self, tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """Class prompts (K, L) → v (K, D) unit rows (with gradients when the tower is trainable)."""
+        tokens = self.class_tokens if tokens is None else tokens
+        if tokens.numel() == 0:
+            raise ValueError(f"{type(self).__name__}: no class names; call set_classes(tokens) or pass class_tokens")
+        return self.text.encode_text(tokens.to(self.class_tokens.device))
+
+    @torch.no_grad()
+    def clamp_logit_scale_(self):
+        if self.text is not None:
+            self.log_scale.clamp_(0.0, self.max_logit_scale)
+
+
+class Detector(TextClassified, nn.Module):
     """Florence's object-level adapter.
 
     backbone: a CoSwin (`forward_features` → 4 maps); text: a TextTower for text-aligned classes (the
@@ -563,37 +599,6 @@ class Detector(nn.Module):
         if text is None:
             nn.init.constant_(self.cls_logits.bias, prior)
         self.max_logit_scale = math.log(100.0)
-
-    @classmethod
-    def from_pretrained(cls, florence: nn.Module, cfg: DetectorConfig, classifier: str = "text",
-                        num_classes: int = 0) -> "Detector":
-        """The adapter on a pretrained Florence model (unicl.Florence): its CoSwin is the backbone; with
-        classifier "text" (fine-tuned) or "frozen" the classes are its text tower + projection (`TextTower`,
-        zero-shot by name), with "fixed" a logit per class (`num_classes`), the text tower unused."""
-        if classifier not in ("text", "frozen", "fixed"):
-            raise ValueError(f"classifier must be text, frozen or fixed, got {classifier!r}")
-        if classifier == "fixed":
-            return cls(florence.image_encoder, cfg, num_classes=num_classes)
-        text = TextTower(florence.text_encoder, florence.text_proj, trainable=classifier == "text")
-        return cls(florence.image_encoder, cfg, text=text)
-
-    # -- classes ---------------------------------------------------------------------------------------
-    @torch.no_grad()
-    def set_classes(self, tokens: torch.Tensor):
-        """Store the training vocabulary's tokenised class prompts (K, L) (saved with the model)."""
-        self.class_tokens = tokens.detach().to(self.class_tokens.device, torch.long).clone()
-
-    def encode_classes(self, tokens: torch.Tensor | None = None) -> torch.Tensor:
-        """Class prompts (K, L) → v (K, D) unit rows (with gradients when the tower is trainable)."""
-        tokens = self.class_tokens if tokens is None else tokens
-        if tokens.numel() == 0:
-            raise ValueError("Detector: no class names; call set_classes(tokens) or pass class_tokens")
-        return self.text.encode_text(tokens.to(self.class_tokens.device))
-
-    @torch.no_grad()
-    def clamp_logit_scale_(self):
-        if self.text is not None:
-            self.log_scale.clamp_(0.0, self.max_logit_scale)
 
     # -- forward ---------------------------------------------------------------------------------------
     def forward(self, images: torch.Tensor, class_tokens: torch.Tensor | None = None) -> dict:

@@ -64,6 +64,22 @@ def _merge(ids: list[int], pair: tuple[int, int], new_id: int) -> list[int]:
     return out
 
 
+def token_batch(texts, encode, sot: int, eot: int, pad: int, context_length: int, trim: bool, who: str):
+    """Both tokenizers' batching: list[str] (or one str) → LongTensor (B, L), each row <sot> ids <eot> then
+    pad, a long text keeping its first context_length − 2 ids; L = context_length, or with `trim` the
+    batch's longest row."""
+    if isinstance(texts, str):
+        texts = [texts]
+    texts = list(texts)
+    if not texts:
+        raise ValueError(f"{who} got an empty caption list; pass at least one text")
+    if context_length < 2:
+        raise ValueError(f"context_length must be at least 2 (<sot> and <eot>), got {context_length}")
+    rows = [[sot] + encode(text)[: context_length - 2] + [eot] for text in texts]
+    width = max(map(len, rows)) if trim else context_length
+    return torch.tensor([ids + [pad] * (width - len(ids)) for ids in rows], dtype=torch.long)  # (B, L)
+
+
 class Tokenizer:
     """Byte-level BPE. `Tokenizer()` is pure bytes; `Tokenizer.train(texts, vocab_size)` learns merges.
 
@@ -184,17 +200,7 @@ class Tokenizer:
         (tests/test_text_encoder.py), at a fraction of the cost when captions are short (toy captions
         average 9 of 32 positions). Off where every batch must have one shape (torch.compile).
         """
-        if isinstance(texts, str):
-            texts = [texts]
-        texts = list(texts)
-        if not texts:
-            raise ValueError("Tokenizer got an empty caption list; pass at least one text")
-        if context_length < 2:
-            raise ValueError(f"context_length must be at least 2 (<sot> and <eot>), got {context_length}")
-        rows = [[SOT_ID] + self.encode(text)[: context_length - 2] + [EOT_ID] for text in texts]
-        width = max(map(len, rows)) if trim else context_length
-        rows = [ids + [PAD_ID] * (width - len(ids)) for ids in rows]
-        return torch.tensor(rows, dtype=torch.long)  # (B, L)
+        return token_batch(texts, self.encode, SOT_ID, EOT_ID, PAD_ID, context_length, trim, "Tokenizer")
 
     # ---- persistence ----
     def save(self, path) -> None:
@@ -556,16 +562,8 @@ class ClipTokenizer:
     def __call__(self, texts, context_length: int = CLIP_CONTEXT, trim: bool = False) -> torch.Tensor:
         """list[str] (or one str) → LongTensor (B, context_length): <sot> ids <eot> 0…; a long text keeps
         its first context_length − 2 ids (clip.tokenize(truncate=True), open_clip). trim: as Tokenizer."""
-        if isinstance(texts, str):
-            texts = [texts]
-        texts = list(texts)
-        if not texts:
-            raise ValueError("ClipTokenizer got an empty caption list; pass at least one text")
-        if context_length < 2:
-            raise ValueError(f"context_length must be at least 2 (<sot> and <eot>), got {context_length}")
-        rows = [[self.sot_id] + self.encode(t)[: context_length - 2] + [self.eot_id] for t in texts]
-        width = max(map(len, rows)) if trim else context_length
-        return torch.tensor([r + [self.pad_id] * (width - len(r)) for r in rows], dtype=torch.long)
+        return token_batch(texts, self.encode, self.sot_id, self.eot_id, self.pad_id, context_length, trim,
+                           "ClipTokenizer")
 
     def save(self, path) -> None:
         with open(path, "w", encoding="utf-8") as f:

@@ -492,3 +492,29 @@ def test_the_adapter_overfits_one_image():
     model.eval()
     ap = dh.coco_map(model.predict(x), targets)
     assert ap["AP50"] == pytest.approx(1.0) and ap["AP"] > 0.6, ap
+
+
+@pytest.mark.parametrize("adapter", ["dyhead", "dydetr"])
+def test_both_adapters_take_their_classes_from_a_florence_model_as_the_classifier_says(adapter):
+    """from_pretrained (dynamic_head.TextClassified, shared): "text" fine-tunes the text tower, "frozen"
+    keeps it fixed, "fixed" has no text tower but a logit per class; the backbone is Florence's CoSwin."""
+    import unicl
+
+    def florence():  # one each: the adapters share (not copy) the towers they are given
+        torch.manual_seed(0)
+        return unicl.build("toy", vocab_size=300)
+
+    cls, cfg = ((dh.Detector, dh.build_config("toy", channels=32, num_blocks=1)) if adapter == "dyhead" else
+                (dd.DynamicDETR, dd.build_config("toy")))
+    fl = florence()
+    tuned = cls.from_pretrained(fl, cfg, "text")
+    frozen = cls.from_pretrained(florence(), cfg, "frozen")
+    fixed = cls.from_pretrained(florence(), cfg, "fixed", num_classes=3)
+    assert tuned.backbone is fl.image_encoder
+    assert any(p.requires_grad for p in tuned.text.parameters())
+    assert not any(p.requires_grad for p in frozen.text.parameters())
+    assert fixed.text is None
+    with pytest.raises(ValueError, match="text, frozen or fixed"):
+        cls.from_pretrained(fl, cfg, "frozn")
+    with pytest.raises(ValueError, match=f"{cls.__name__}: no class names"):
+        tuned.encode_classes()

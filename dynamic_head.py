@@ -80,10 +80,11 @@ fixed logit per class.
 
 Also here: box ops (IoU, GIoU, xyxy↔xywh), `batched_nms` (torchvision's rule: suppress a box when its
 IoU with a kept, higher-scored box of its class is strictly above the threshold) and `coco_map` with
-pycocotools' rules. Modulated deformable convolution is pure torch (`F.grid_sample`), with torchvision's
-`deform_conv2d` offset layout. Public code followed for semantics (not copied): microsoft/DynamicHead
-dyhead/dyhead.py, dyhead/dyrelu.py, extra/atss.py; pytorch/vision torchvision/csrc/ops/cpu/
-deform_conv2d_kernel.cpp and nms_kernel.cpp; cocodataset/cocoapi PythonAPI/pycocotools/cocoeval.py.
+pycocotools' rules. Modulated deformable convolution is pure torch (`F.embedding_bag` on CPU,
+`F.grid_sample` elsewhere), with torchvision's `deform_conv2d` offset layout. Public code followed for
+semantics (not copied): microsoft/DynamicHead dyhead/dyhead.py, dyhead/dyrelu.py, extra/atss.py;
+pytorch/vision torchvision/csrc/ops/cpu/deform_conv2d_kernel.cpp and nms_kernel.cpp; cocodataset/cocoapi
+PythonAPI/pycocotools/cocoeval.py.
 """
 from __future__ import annotations
 
@@ -245,9 +246,32 @@ def batched_nms(boxes: torch.Tensor, scores: torch.Tensor, idxs: torch.Tensor, i
 # (glibc returns blocks over 32 MB to the system when they are freed); DyHead at batch 8: docs/PERFORMANCE.md.
 DEFORM_CHUNK_BYTES = 16 * 2 ** 20
 
+# How the columns are sampled: "bag" (each sample a weighted sum of its 4 corner pixels, F.embedding_bag;
+# `_deform_bag`), "grid_sample" (F.grid_sample, the reference) or "auto": bag on CPU, where its backward is
+# the faster (docs/PERFORMANCE.md), grid_sample elsewhere (not yet measured on CUDA). Both give the same
+# values and gradients (tests/test_dynamic_head.py).
+DEFORM_SAMPLER = "auto"
+
+
+def _bilinear_pairs(p: torch.Tensor, n: int):
+    """Bilinear sampling along one side of n ≥ 2 pixels, zero outside: for positions p, the two pixels lo and
+    lo + 1 each sample reads and their weights. The corners are floor(p) and floor(p) + 1 with weights
+    1 − frac and frac (torchvision's bilinear_interpolate); a corner outside the image reads 0, so its weight
+    is dropped. lo is clamped to [0, n − 2] so the two pixels are always in range and distinct; a pair moved
+    inside carries only the weight of the corner that is really there (or none)."""
+    f = p.floor()
+    frac = p - f  # the gradient of p flows through frac, as in torchvision (floor has none)
+    i = f.long()
+    lo = i.clamp(0, n - 2)
+    d = i - lo  # 0: both corners inside; −1: only floor(p) + 1 = 0 is; +1: only floor(p) = n − 1 is; else none
+    w_lo = (1 - frac) * (d == 0) + frac * (d == -1)
+    w_hi = frac * (d == 0) + (1 - frac) * (d == 1)
+    return lo, w_lo, w_hi
+
 
 def modulated_deform_conv2d(x: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor,
-                            bias: torch.Tensor | None = None, stride=1, padding=0, dilation=1) -> torch.Tensor:
+                            bias: torch.Tensor | None = None, stride=1, padding=0, dilation=1,
+                            sampler: str | None = None) -> torch.Tensor:
     """DCNv2 with torchvision's `deform_conv2d` layout (pytorch/vision torchvision/ops/deform_conv.py and
     csrc/ops/cpu/deform_conv2d_kernel.cpp):
 
@@ -256,8 +280,14 @@ def modulated_deform_conv2d(x: torch.Tensor, offset: torch.Tensor, mask: torch.T
     x: (B, C, H, W); weight: (O, C, kh, kw); offset: (B, 2·G·kh·kw, Ho, Wo) where, for offset group g and
     kernel position k = i·kw + j, channel g·2K + 2k is Δy and g·2K + 2k + 1 is Δx (in input pixels);
     mask: (B, G·kh·kw, Ho, Wo), channel g·K + k. Channels of x split into G equal offset groups. Sampling
-    is bilinear with zeros outside the image (torchvision's bilinear_interpolate; here F.grid_sample with
-    align_corners=True, where grid −1 / +1 are the centres of the first / last pixel).
+    is bilinear with zeros outside the image (torchvision's bilinear_interpolate).
+
+    The samples x(·) form "columns", 9× the input, contracted with the weight in one matmul. They are
+    gathered in one of two ways (`sampler`, default DEFORM_SAMPLER): "grid_sample", F.grid_sample with
+    align_corners=True (grid −1 / +1 are the centres of the first / last pixel), or "bag": the pixels as
+    rows of channels, each sample the sum of its 4 corner rows weighted by the bilinear weights times Δm —
+    exactly F.embedding_bag(mode="sum", per_sample_weights=…), whose backward scatters into the pixels and
+    takes one dot product per corner for the weights.
     """
     sh, sw = (stride, stride) if isinstance(stride, int) else stride
     ph, pw = (padding, padding) if isinstance(padding, int) else padding
@@ -275,25 +305,31 @@ def modulated_deform_conv2d(x: torch.Tensor, offset: torch.Tensor, mask: torch.T
                          f"{C} channels; got {tuple(offset.shape)}")
     if tuple(mask.shape) != (B, G * K, Ho, Wo):
         raise ValueError(f"modulated_deform_conv2d: mask must be {(B, G * K, Ho, Wo)}; got {tuple(mask.shape)}")
+    sampler = sampler or DEFORM_SAMPLER
+    if sampler == "auto":
+        sampler = "bag" if x.device.type == "cpu" else "grid_sample"
+    if sampler not in ("bag", "grid_sample"):
+        raise ValueError(f"modulated_deform_conv2d: sampler must be 'auto', 'bag' or 'grid_sample'; got {sampler!r}")
     per = max(1, DEFORM_CHUNK_BYTES // (C * K * Ho * Wo * x.element_size()))  # images whose columns fit the budget
     if x.device.type == "cpu" and B > per:  # the same result, in batch chunks (see DEFORM_CHUNK_BYTES)
         return torch.cat([modulated_deform_conv2d(x[i:i + per], offset[i:i + per], mask[i:i + per], weight, bias,
-                                                  stride, padding, dilation) for i in range(0, B, per)])
-    # grid_sample with align_corners=True needs ≥ 2 pixels per side; a zero row/column beyond the edge is
-    # exactly the "zeros outside" rule, so padding a 1-pixel side changes nothing.
+                                                  stride, padding, dilation, sampler) for i in range(0, B, per)])
+    # both samplers need ≥ 2 pixels per side; a zero row/column beyond the edge is exactly the "zeros
+    # outside" rule, so padding a 1-pixel side changes nothing.
     if H < 2 or W < 2:
         x = F.pad(x, (0, max(0, 2 - W), 0, max(0, 2 - H)))
     Hp, Wp = x.shape[-2:]
-    # base sampling positions p·s − pad + p_k: (K, Ho, Wo) for y and x
+    # sampling positions p·s − pad + p_k + Δp_k, in input pixels: (B, G, K, Ho, Wo) for y and for x
     dev, dt = x.device, offset.dtype
     ki, kj = torch.meshgrid(torch.arange(kh, device=dev), torch.arange(kw, device=dev), indexing="ij")
     base_y = (torch.arange(Ho, device=dev) * sh - ph)[None, :, None] + (ki.reshape(K) * dh)[:, None, None]  # (K, Ho, 1)
     base_x = (torch.arange(Wo, device=dev) * sw - pw)[None, None, :] + (kj.reshape(K) * dw)[:, None, None]  # (K, 1, Wo)
-    off = rearrange(offset, "b (g k two) h w -> (b g) k h w two", g=G, k=K, two=2)
-    py = base_y.to(dt) + off[..., 0]  # (B·G, K, Ho, Wo) sample rows
-    px = base_x.to(dt) + off[..., 1]
+    off = offset.view(B, G, K, 2, Ho, Wo)
+    py, px = base_y.to(dt) + off[:, :, :, 0], base_x.to(dt) + off[:, :, :, 1]
+    if sampler == "bag":
+        return _deform_bag(x, py, px, mask, weight, bias)
     grid = torch.stack([px * (2.0 / (Wp - 1)) - 1, py * (2.0 / (Hp - 1)) - 1], dim=-1)  # x first, as grid_sample wants
-    grid = rearrange(grid, "bg k h w two -> bg (k h) w two")
+    grid = rearrange(grid, "b g k h w two -> (b g) (k h) w two")
     xg = rearrange(x, "b (g c) h w -> (b g) c h w", g=G)
     if xg.device.type == "cpu":  # the CPU sampler reads and scatters a pixel's channels faster when adjacent
         xg = xg.contiguous(memory_format=torch.channels_last)
@@ -307,6 +343,29 @@ def modulated_deform_conv2d(x: torch.Tensor, offset: torch.Tensor, mask: torch.T
     return out
 
 
+def _deform_bag(x, py, px, mask, weight, bias):
+    """The "bag" sampler of modulated_deform_conv2d. x: (B, C, Hp, Wp) with Hp, Wp ≥ 2; py, px: sampling
+    positions (B, G, K, Ho, Wo). The samples are taken in (b, p, g, k) order, so the columns come out as
+    (B·Ho·Wo, G·K·C/G), each position's samples side by side, and one matmul with the weight's (g, k, c)
+    rows gives the output as (B·Ho·Wo, O)."""
+    B, C, Hp, Wp = x.shape
+    _, G, K, Ho, Wo = py.shape
+    O = weight.shape[0]
+    y0, wy0, wy1 = _bilinear_pairs(rearrange(py, "b g k h w -> b h w g k"), Hp)
+    x0, wx0, wx1 = _bilinear_pairs(rearrange(px, "b g k h w -> b h w g k"), Wp)
+    m = rearrange(mask.view(B, G, K, Ho, Wo), "b g k h w -> b h w g k")
+    # the pixels as rows (b, g, y, x): pixel (b, g, y, x) is row ((b·G + g)·Hp + y)·Wp + x
+    pixels = rearrange(x, "b (g c) h w -> (b g h w) c", g=G)
+    first = (torch.arange(B * G, device=x.device).view(B, 1, 1, G, 1) * Hp + y0) * Wp + x0  # top-left corner
+    corners = torch.stack([first, first + 1, first + Wp, first + Wp + 1], -1).view(-1, 4)
+    weights = (torch.stack([wy0 * wx0, wy0 * wx1, wy1 * wx0, wy1 * wx1], -1) * m.unsqueeze(-1)).view(-1, 4)
+    cols = F.embedding_bag(corners, pixels, per_sample_weights=weights.to(x.dtype), mode="sum")  # (samples, C/G)
+    w = rearrange(weight, "o (g c) i j -> o (g i j c)", g=G)  # the weight in the columns' (g, k, c) order
+    cols = cols.view(B * Ho * Wo, -1)
+    out = cols @ w.t() if bias is None else torch.addmm(bias.to(cols.dtype), cols, w.t())
+    return out.view(B, Ho, Wo, O).permute(0, 3, 1, 2)
+
+
 class DeformConvNorm(nn.Module):
     """3×3 modulated deformable conv → GroupNorm (the official Conv3x3Norm). forward(x, offset, mask)."""
 
@@ -315,7 +374,10 @@ class DeformConvNorm(nn.Module):
         self.stride = stride
         # N(0, 0.01²), what the official init_weights intends; its ModulatedDeformConv keeps its own uniform
         # init (the loop only reaches nn.Conv2d). GroupNorm follows, so only the direction matters at init.
-        self.weight = nn.Parameter(torch.empty(out_ch, in_ch, 3, 3).normal_(0, 0.01))
+        # stored channels-last, (O, kh, kw, C) in memory: the order of the bag sampler's columns, so its matmul
+        # reads the weight as a view instead of a permuted copy per call (the shape stays (O, C, 3, 3))
+        self.weight = nn.Parameter(torch.empty(out_ch, in_ch, 3, 3).normal_(0, 0.01)
+                                   .contiguous(memory_format=torch.channels_last))
         self.bias = nn.Parameter(torch.zeros(out_ch))
         self.norm = nn.GroupNorm(math.gcd(groups, out_ch), out_ch)
 

@@ -70,8 +70,9 @@ def _random_offsets(B, G, K, Ho, Wo, seed):
     return off
 
 
+@pytest.mark.parametrize("sampler", ["bag", "grid_sample"])
 @pytest.mark.parametrize("H,W,stride,pad,G", [(5, 6, 1, 1, 1), (7, 6, 2, 1, 1), (5, 5, 1, 0, 2), (1, 5, 1, 1, 1)])
-def test_deform_conv_equals_the_torchvision_loop(H, W, stride, pad, G):
+def test_deform_conv_equals_the_torchvision_loop(H, W, stride, pad, G, sampler):
     torch.manual_seed(1)
     C, O = 4, 3
     x = torch.randn(1, C, H, W, dtype=torch.float64)
@@ -80,7 +81,7 @@ def test_deform_conv_equals_the_torchvision_loop(H, W, stride, pad, G):
     Ho, Wo = (H + 2 * pad - 3) // stride + 1, (W + 2 * pad - 3) // stride + 1
     off = _random_offsets(1, G, 9, Ho, Wo, seed=H * 100 + W)
     mask = torch.rand(1, G * 9, Ho, Wo, dtype=torch.float64)  # mask ≠ 1
-    got = dh.modulated_deform_conv2d(x, off, mask, w, b, stride, pad)
+    got = dh.modulated_deform_conv2d(x, off, mask, w, b, stride, pad, sampler=sampler)
     want = _deform_loop(x, off, mask, w, b, stride, pad)
     torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
 
@@ -111,16 +112,17 @@ def test_offset_channel_2k_is_dy_and_2k_plus_1_is_dx():
     torch.testing.assert_close(y[0, 0, 1:, :-2], x[0, 0, :-1, 2:])
 
 
-def test_deform_conv_gradients_flow_to_input_offsets_mask_and_weights():
+@pytest.mark.parametrize("sampler", ["bag", "grid_sample"])
+def test_deform_conv_gradients_flow_to_input_offsets_mask_and_weights(sampler):
     torch.manual_seed(0)
     x = torch.randn(1, 2, 3, 4, dtype=torch.float64, requires_grad=True)
     w = torch.randn(2, 2, 3, 3, dtype=torch.float64, requires_grad=True)
     b = torch.randn(2, dtype=torch.float64, requires_grad=True)
     off = (torch.rand(1, 18, 3, 4, dtype=torch.float64) * 0.8 + 0.1).requires_grad_()  # off the integer kinks
     mask = torch.rand(1, 9, 3, 4, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda *a: dh.modulated_deform_conv2d(*a, stride=1, padding=1),
+    assert torch.autograd.gradcheck(lambda *a: dh.modulated_deform_conv2d(*a, stride=1, padding=1, sampler=sampler),
                                     (x, off, mask, w, b), eps=1e-6, atol=1e-5, fast_mode=True)
-    dh.modulated_deform_conv2d(x, off, mask, w, b, 1, 1).square().sum().backward()
+    dh.modulated_deform_conv2d(x, off, mask, w, b, 1, 1, sampler=sampler).square().sum().backward()
     assert off.grad.abs().sum() > 0 and mask.grad.abs().sum() > 0
 
 
@@ -141,8 +143,9 @@ def _deform_einsum(x, offset, mask, weight, bias, stride, pad):
     return torch.einsum("bgckhw,ogck->bohw", cols, weight.reshape(O, G, C // G, K)) + bias.view(1, -1, 1, 1)
 
 
+@pytest.mark.parametrize("sampler", ["bag", "grid_sample"])
 @pytest.mark.parametrize("stride,G", [(1, 1), (2, 2)])
-def test_deform_conv_equals_the_einsum_over_its_columns_in_value_and_gradients(stride, G):
+def test_deform_conv_equals_the_einsum_over_its_columns_in_value_and_gradients(stride, G, sampler):
     torch.manual_seed(0)
     B, C, O, H, W = 2, 4, 3, 7, 6
     x = torch.randn(B, C, H, W, dtype=torch.float64)
@@ -158,22 +161,58 @@ def test_deform_conv_equals_the_einsum_over_its_columns_in_value_and_gradients(s
         (out.square().sum() + out.sum()).backward()
         return out.detach(), [a.grad for a in args]
 
-    got, got_g = grads(lambda x, o, m, w, b, stride, pad: dh.modulated_deform_conv2d(x, o, m, w, b, stride, pad))
+    got, got_g = grads(lambda x, o, m, w, b, stride, pad: dh.modulated_deform_conv2d(x, o, m, w, b, stride, pad,
+                                                                                      sampler=sampler))
     want, want_g = grads(_deform_einsum)
     torch.testing.assert_close(got, want)
     for name, a, e in zip(("x", "offset", "mask", "weight", "bias"), got_g, want_g):
         torch.testing.assert_close(a, e, msg=name)
 
 
-def test_deform_conv_in_batch_chunks_equals_the_whole_batch(monkeypatch):
+@pytest.mark.parametrize("sampler", ["bag", "grid_sample"])
+def test_deform_conv_in_batch_chunks_equals_the_whole_batch(monkeypatch, sampler):
     torch.manual_seed(0)
     x = torch.randn(5, 4, 6, 7, dtype=torch.float64)
     w, b = torch.randn(3, 4, 3, 3, dtype=torch.float64), torch.randn(3, dtype=torch.float64)
     off, mask = _random_offsets(5, 1, 9, 6, 7, seed=3), torch.rand(5, 9, 6, 7, dtype=torch.float64)
-    whole = dh.modulated_deform_conv2d(x, off, mask, w, b, 1, 1)
+    whole = dh.modulated_deform_conv2d(x, off, mask, w, b, 1, 1, sampler=sampler)
     monkeypatch.setattr(dh, "DEFORM_CHUNK_BYTES", 2 * 4 * 9 * 6 * 7 * 8)  # two images per chunk: 2 + 2 + 1
-    chunks = dh.modulated_deform_conv2d(x, off, mask, w, b, 1, 1)
+    chunks = dh.modulated_deform_conv2d(x, off, mask, w, b, 1, 1, sampler=sampler)
     torch.testing.assert_close(chunks, whole, rtol=1e-12, atol=1e-12)
+
+
+def test_the_two_samplers_agree_on_a_dyhead_block_in_fp32_and_auto_takes_bag_on_cpu(monkeypatch):
+    """A DyHead block (three deformable convs per level, shared offsets, the channels-last weights) with
+    offsets of a few pixels: the bag sampler (the CPU default) and grid_sample give the same outputs and
+    gradients in fp32, for the input maps, the offset conv and the conv weights."""
+    torch.manual_seed(0)
+    block = dh.DyHeadBlock(32, gn_groups=8)
+    nn.init.normal_(block.offset.weight, std=0.5)  # offsets and masks that vary over the map
+    feats = [torch.randn(2, 32, s, s) for s in (9, 5, 3)]
+
+    def run(sampler):
+        monkeypatch.setattr(dh, "DEFORM_SAMPLER", sampler)
+        block.zero_grad()
+        xs = [f.clone().requires_grad_() for f in feats]
+        out = block(xs)
+        sum((o * torch.linspace(-1, 1, o.numel()).view_as(o)).sum() for o in out).backward()
+        return out, [x.grad for x in xs] + [p.grad.clone() for p in block.parameters()]
+
+    out_b, grads_b = run("bag")
+    out_g, grads_g = run("grid_sample")
+    for a, e in zip(out_b + grads_b, out_g + grads_g):
+        torch.testing.assert_close(a, e, rtol=1e-3, atol=1e-4)  # fp32 sums in another order
+    assert grads_b[3].abs().sum() > 0  # the offset conv's weight learns
+    x = torch.randn(1, 2, 4, 4)
+    monkeypatch.setattr(dh, "DEFORM_SAMPLER", "auto")
+    calls = []
+    bag = dh._deform_bag
+    monkeypatch.setattr(dh, "_deform_bag", lambda *a: calls.append(a[0].device.type) or bag(*a))
+    dh.modulated_deform_conv2d(x, torch.zeros(1, 18, 4, 4), torch.ones(1, 9, 4, 4), torch.randn(2, 2, 3, 3), padding=1)
+    assert calls == ["cpu"]
+    with pytest.raises(ValueError, match="sampler must be"):
+        dh.modulated_deform_conv2d(x, torch.zeros(1, 18, 4, 4), torch.ones(1, 9, 4, 4), torch.randn(2, 2, 3, 3),
+                                   padding=1, sampler="sparse")
 
 
 def test_deform_conv_rejects_offsets_of_the_wrong_size():

@@ -49,12 +49,9 @@ class PretrainTask(Task):
 
     metrics = ("zeroshot_top1", "zeroshot_top5", "i2t_r1", "t2i_r1")
     # The run's Config defaults are this recipe's (train.py): 1,500 steps of 64 at lr 6e-4 with a 100-step
-    # warmup and a cosine to lr/2; AdamW wd 0.1 and β2 0.98 as CLIP (the paper gives neither). The CPU demo
-    # (`python train.py`) keeps its lr up for good: 8e-4, constant after the warmup. The toy run learns shape
-    # late, and a decaying lr slowed that (docs/EXPERIMENTS.md, pretrain: 92.0% with the cosine to lr/2,
-    # 96.6% constant at 8e-4, the same 1,500 steps).
+    # warmup and a cosine to lr/2 (short CPU runs learn shape late: the lr stays up); AdamW wd 0.1 and
+    # β2 0.98 as CLIP (the paper gives neither). Measured runs: docs/EXPERIMENTS.md, pretrain.
     defaults: dict = {}
-    demo_defaults: dict = dict(lr=8e-4, min_lr_ratio=1.0)
 
     @classmethod
     def resolve_config(cls, cfg, source: dict | None):

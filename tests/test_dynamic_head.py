@@ -739,6 +739,7 @@ def _gloo_loss_worker(rank, world, init_file, out_dir):
         mine = {k: (v[rank:rank + 1] if torch.is_tensor(v) else v) for k, v in out.items()}
         loss, logs = model.loss(mine, [_gloo_targets()[rank]], (64, 64))
         torch.save({"loss": float(loss), **logs}, os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()  # both ranks done before either tears its gloo pairs down
     finally:
         dist.destroy_process_group()
 

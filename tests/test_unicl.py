@@ -286,6 +286,7 @@ def _ddp_worker(rank, world, init_file, out_dir):
                                  u_grad=ue.grad, v_grad=ve.grad, no_gather=unicl_loss(
                                      u.detach(), v.detach(), keys[rows], s.detach(), gather=False).item())
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()  # both ranks done before either tears its gloo pairs down
     finally:
         dist.destroy_process_group()
 

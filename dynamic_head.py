@@ -324,7 +324,7 @@ def modulated_deform_conv2d(x: torch.Tensor, offset: torch.Tensor, mask: torch.T
     ki, kj = torch.meshgrid(torch.arange(kh, device=dev), torch.arange(kw, device=dev), indexing="ij")
     base_y = (torch.arange(Ho, device=dev) * sh - ph)[None, :, None] + (ki.reshape(K) * dh)[:, None, None]  # (K, Ho, 1)
     base_x = (torch.arange(Wo, device=dev) * sw - pw)[None, None, :] + (kj.reshape(K) * dw)[:, None, None]  # (K, 1, Wo)
-    off = offset.view(B, G, K, 2, Ho, Wo)
+    off = offset.reshape(B, G, K, 2, Ho, Wo)
     py, px = base_y.to(dt) + off[:, :, :, 0], base_x.to(dt) + off[:, :, :, 1]
     if sampler == "bag":
         return _deform_bag(x, py, px, mask, weight, bias)
@@ -353,7 +353,7 @@ def _deform_bag(x, py, px, mask, weight, bias):
     O = weight.shape[0]
     y0, wy0, wy1 = _bilinear_pairs(rearrange(py, "b g k h w -> b h w g k"), Hp)
     x0, wx0, wx1 = _bilinear_pairs(rearrange(px, "b g k h w -> b h w g k"), Wp)
-    m = rearrange(mask.view(B, G, K, Ho, Wo), "b g k h w -> b h w g k")
+    m = rearrange(mask.reshape(B, G, K, Ho, Wo), "b g k h w -> b h w g k")
     # the pixels as rows (b, g, y, x): pixel (b, g, y, x) is row ((b·G + g)·Hp + y)·Wp + x
     pixels = rearrange(x, "b (g c) h w -> (b g h w) c", g=G)
     first = (torch.arange(B * G, device=x.device).view(B, 1, 1, G, 1) * Hp + y0) * Wp + x0  # top-left corner

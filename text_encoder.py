@@ -629,6 +629,19 @@ class SelfAttention(nn.Module):
                                            dropout_p=self.dropout if self.training else 0.0)
         return self.drop(self.proj(rearrange(y, "b h l d -> b l (h d)")))
 
+    def forward_rows(self, x, rows, key_mask):
+        """The output at one query position per row only: x (B, L, C), rows (B,) long, key_mask (B, 1, 1, L)
+        bool (the keys that query may see) → (B, C). Keys and values come from every token; the query
+        projection (the first third of qkv's weight) is applied to the B query tokens alone."""
+        C = x.shape[-1]
+        w, b = self.qkv.weight, self.qkv.bias
+        k, v = rearrange(F.linear(x, w[C:], b[C:]), "b l (two h d) -> two b h l d", two=2, h=self.heads)
+        q = F.linear(x[torch.arange(x.shape[0], device=x.device), rows], w[:C], b[:C])  # (B, C)
+        q = rearrange(q, "b (h d) -> b h 1 d", h=self.heads)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        return self.drop(self.proj(rearrange(y, "b h 1 d -> b (h d)")))
+
 
 def quick_gelu(x: torch.Tensor) -> torch.Tensor:
     """x·σ(1.702x): the GELU approximation OpenAI's CLIP was trained with (clip/model.py QuickGELU)."""
@@ -665,6 +678,12 @@ class Block(nn.Module):
         x = x + self.attn(self.ln_1(x), mask, is_causal)
         return x + self.mlp(self.ln_2(x))
 
+    def forward_rows(self, x, rows, key_mask):
+        """The block's output at position rows[b] of each row b, (B, C): what `forward(x)[b, rows[b]]` gives,
+        with the MLP, the output projection and the second norm applied to those B tokens alone."""
+        y = x[torch.arange(x.shape[0], device=x.device), rows] + self.attn.forward_rows(self.ln_1(x), rows, key_mask)
+        return y + self.mlp(self.ln_2(y))
+
 
 class TextEncoder(nn.Module):
     """f_φ(t): tokens (B, L) → (B, width), the final-LayerNorm state at the end-of-text token."""
@@ -678,6 +697,7 @@ class TextEncoder(nn.Module):
         self.positional_embedding = nn.Parameter(torch.empty(cfg.context_length, cfg.width))
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.layers))
         self.ln_final = nn.LayerNorm(cfg.width)
+        self.last_block_at_eot = True  # forward: the last block at <eot> only (False: the plain reference path)
         self.init_weights()
 
     def init_weights(self):
@@ -694,19 +714,31 @@ class TextEncoder(nn.Module):
             for lin in (blk.attn.qkv, blk.attn.proj, blk.mlp.fc, blk.mlp.proj):
                 nn.init.zeros_(lin.bias)
 
-    def forward_tokens(self, tokens: torch.Tensor, attention_mask: torch.Tensor | None = None):
+    def _block(self, blk, *args, rows: bool = False):
+        """One block, through torch.utils.checkpoint while training with grad_checkpointing."""
+        fn = blk.forward_rows if rows else blk
+        if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(fn, *args, use_reentrant=False)
+        return fn(*args)
+
+    def _check_shape(self, tokens: torch.Tensor):
+        if tokens.dim() != 2:
+            raise ValueError(f"tokens must be (B, L), got shape {tuple(tokens.shape)}")
+        if tokens.shape[1] > self.cfg.context_length:
+            raise ValueError(f"{tokens.shape[1]} tokens exceed the context length {self.cfg.context_length}; "
+                             f"tokenize with context_length={self.cfg.context_length}")
+
+    def forward_tokens(self, tokens: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                       blocks: int | None = None):
         """tokens: (B, L) long → all token states (B, L, width) after the final LayerNorm.
 
         attention_mask: optional (B, L) bool, True for tokens that may be attended to. Defaults to
         `tokens != pad_id` when bidirectional, and to nothing when causal (pads follow <eot>, so causal
-        attention never lets them reach a real token).
+        attention never lets them reach a real token). blocks: run only the first this many blocks and
+        return their output before the final LayerNorm (`forward` finishes the last block itself).
         """
-        if tokens.dim() != 2:
-            raise ValueError(f"tokens must be (B, L), got shape {tuple(tokens.shape)}")
-        B, L = tokens.shape
-        if L > self.cfg.context_length:
-            raise ValueError(f"{L} tokens exceed the context length {self.cfg.context_length}; tokenize "
-                             f"with context_length={self.cfg.context_length}")
+        self._check_shape(tokens)
+        L = tokens.shape[1]
         causal = self.cfg.causal
         if attention_mask is None and not causal:
             attention_mask = tokens != self.cfg.pad_id
@@ -717,23 +749,37 @@ class TextEncoder(nn.Module):
                 mask = mask & torch.ones(L, L, dtype=torch.bool, device=tokens.device).tril()
                 is_causal = False  # SDPA takes either is_causal or an explicit mask
         x = self.token_embedding(tokens) + self.positional_embedding[:L]  # (B, L, C)
-        for blk in self.blocks:
-            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(blk, x, mask, is_causal, use_reentrant=False)
-            else:
-                x = blk(x, mask, is_causal)
-        return self.ln_final(x)
+        for blk in self.blocks[:blocks]:
+            x = self._block(blk, x, mask, is_causal)
+        return x if blocks is not None else self.ln_final(x)
 
     def forward(self, tokens: torch.Tensor, attention_mask: torch.Tensor | None = None):
-        """tokens: (B, L) long → (B, width), the state at each row's (first) end-of-text token."""
-        x = self.forward_tokens(tokens, attention_mask)  # (B, L, C)
+        """tokens: (B, L) long → (B, width), the state at each row's (first) end-of-text token.
+
+        Only that state is read, so the last block runs at <eot> alone (`last_block_at_eot`, the default):
+        keys and values from every token, the query, attention output, MLP and norms for one token per row:
+        of the last block's 12·width² multiply-adds per token, only the key and value projections' 2 remain
+        (the toy run's text tower: a third less work). The output is that of `forward_tokens(tokens)[b, eot_b]`,
+        the reference path (`last_block_at_eot = False`), up to float rounding."""
+        self._check_shape(tokens)
         is_eot = tokens == self.cfg.eot_id
         # the check reads a value back to the host: skipped under torch.compile, where it would break the graph
         if not torch.compiler.is_compiling() and not bool(is_eot.any(dim=1).all()):
             raise ValueError(f"every row of tokens needs the end-of-text token (id {self.cfg.eot_id}); "
                              f"tokenize with Tokenizer.__call__, which always appends it")
         eot = is_eot.int().argmax(dim=1)  # (B,) first <eot> position
-        return x[torch.arange(x.shape[0], device=x.device), eot]
+        if not (self.last_block_at_eot and len(self.blocks)):
+            x = self.forward_tokens(tokens, attention_mask)  # (B, L, C)
+            return x[torch.arange(x.shape[0], device=x.device), eot]
+        x = self.forward_tokens(tokens, attention_mask, blocks=len(self.blocks) - 1)
+        L = tokens.shape[1]
+        if attention_mask is None and not self.cfg.causal:
+            attention_mask = tokens != self.cfg.pad_id
+        keys = torch.ones_like(tokens, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+        if self.cfg.causal:  # the <eot> query sees the keys up to its own position, as row eot of the causal mask
+            keys = keys & (torch.arange(L, device=tokens.device)[None, :] <= eot[:, None])
+        x = self._block(self.blocks[-1], x, eot, keys[:, None, None, :], rows=True)  # (B, C)
+        return self.ln_final(x)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -125,3 +125,28 @@ def test_image_label_folders_give_class_keys(tmp_path):
     _, _, keys = t.task.prepare(batch, step=0)
     assert all(unicl.is_class_key(int(k)) for k in keys)
     assert [int(k) for k in keys] == [unicl.class_key(int(y)) for y in batch["label"]]
+
+
+def test_synthetic_held_out_set_is_drawn_once_and_files_are_read_each_time(tmp_path, monkeypatch):
+    # a synthetic held-out sample is a pure function of its index: evaluations after the first reuse the
+    # drawn batches (the same metrics as drawing afresh); files are read again at every evaluation
+    import tasks.pretrain as pretrain
+    from data import ShapesText
+    from test_runs import write_class_folder
+
+    reads = []
+    real = ShapesText.__getitem__
+    monkeypatch.setattr(ShapesText, "__getitem__", lambda self, i: reads.append(i) or real(self, i))
+    t = make_trainer(tmp_path, "--max_steps", "1", name="cached")
+    first, again = t.task.evaluate(t.model, 0), t.task.evaluate(t.model, 0)
+    assert first == again and sorted(reads) == list(range(48))  # --eval_size 48, each drawn once
+    monkeypatch.setattr(pretrain, "EVAL_CACHE_BYTES", 0)  # over the limit: drawn at every evaluation
+    fresh = make_trainer(tmp_path, "--max_steps", "1", name="fresh")
+    reads.clear()
+    assert fresh.task.evaluate(fresh.model, 0) == first and fresh.task.evaluate(fresh.model, 0) == first
+    assert sorted(reads) == sorted(list(range(48)) * 2)
+    monkeypatch.undo()
+    spec = write_class_folder(tmp_path / "val", ShapesText("val", length=8, img_size=32), 8)
+    files = make_trainer(tmp_path, "--eval_data", spec, "--max_steps", "1", name="files")
+    files.task.evaluate(files.model, 0)
+    assert files.task._eval_cache is None

@@ -200,6 +200,64 @@ def test_bidirectional_padding_mask():
         assert (model.forward_tokens(t3)[0, :8] - full[0, :8]).abs().max() > 1e-4
 
 
+def _pooled_both_ways(model, t, mask=None):
+    """model(t) by the last-block-at-<eot> path and by the full last block: outputs and every gradient."""
+    out = []
+    for at_eot in (True, False):
+        model.zero_grad()
+        model.last_block_at_eot = at_eot
+        y = model(t, mask)
+        (y * torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y)).sum().backward()
+        out.append((y.detach(), [p.grad.clone() for p in model.parameters()]))
+    model.last_block_at_eot = True
+    return out
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("explicit_mask", [False, True])
+def test_last_block_at_eot_equals_the_full_last_block(causal, explicit_mask):
+    # forward runs its last block at <eot> alone (keys and values from every token): the pooled states and
+    # every gradient must be those of the full last block read at <eot>, in float64 to rounding
+    torch.manual_seed(0)
+    model = _tiny(causal=causal, layers=3).double()
+    t = _tokens(lengths=(12, 7, 4))
+    mask = None
+    if explicit_mask:  # a masked real token: the <eot> query must not see it either
+        mask = t != PAD_ID
+        mask[0, 3] = mask[1, 2] = False
+    (fast, g_fast), (full, g_full) = _pooled_both_ways(model, t, mask)
+    torch.testing.assert_close(fast, full, rtol=0, atol=1e-12)
+    for a, b in zip(g_fast, g_full):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    # under activation checkpointing too, and with one block (the last is the only one)
+    model.train().grad_checkpointing = True
+    (ckpt, g_ckpt), _ = _pooled_both_ways(model, t, mask)
+    torch.testing.assert_close(ckpt, full, rtol=0, atol=1e-12)
+    for a, b in zip(g_ckpt, g_full):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    one = _tiny(causal=causal, layers=1).double()
+    (fast, _), (full, _) = _pooled_both_ways(one, t, mask)
+    torch.testing.assert_close(fast, full, rtol=0, atol=1e-12)
+
+
+def test_last_block_at_eot_skips_the_work_it_does_not_need():
+    # of the last block's 12·C² multiply-adds per token, only the key and value projections (2·C²) run for
+    # every token; the rest runs for one token per row
+    from torch.utils.flop_counter import FlopCounterMode
+    model = _tiny(layers=2)
+    t = _tokens(lengths=(12, 12, 12))
+    counts = []
+    for at_eot in (True, False):
+        model.last_block_at_eot = at_eot
+        with FlopCounterMode(display=False) as fc:
+            model(t)
+        counts.append(fc.get_total_flops())
+    B, L, C = 3, 12, 32
+    block = 2 * B * L * 12 * C * C  # one block's projections and MLP over all tokens, in FLOPs (SDPA uncounted)
+    saved = 2 * B * (L - 1) * 10 * C * C  # the query, output projection and MLP of L − 1 tokens per row
+    assert counts[1] == 2 * block and counts[0] == counts[1] - saved
+
+
 def test_clip_init_scheme():
     torch.manual_seed(0)
     model = TextEncoder(TextConfig(vocab_size=512, width=256, layers=6, heads=4))

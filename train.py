@@ -81,6 +81,7 @@ class Config:
     accum_steps: int = 1  # micro-batches per optimiser step (gradient accumulation; the global batch stays --batch_size)
     lr: float = 6e-4  # peak learning rate (AdamW), reached after the warmup
     min_lr_ratio: float = 0.5  # cosine decays to lr × this (short CPU runs learn shape late: keep lr up)
+    decay_steps: int = 0  # > 0: the lr holds at --lr after the warmup, and the cosine runs over the last this many steps only
     warmup_steps: int = 100  # linear warmup from 0 to --lr
     weight_decay: float = 0.1  # AdamW; never on norms, biases, bias tables, embeddings, logit scale
     beta1: float = 0.9  # AdamW β1
@@ -274,7 +275,7 @@ RANGES = [
     *[(n, lambda v: v >= 1, "at least 1") for n in ("batch_size", "accum_steps", "max_steps", "eval_size",
                                                    "max_bad_steps", "tokenizer_texts", "num_frames",
                                                    "temporal_kernel", "probe_size", "vqa_questions")],
-    *[(n, lambda v: v >= 0, "0 or more") for n in ("lr", "warmup_steps", "weight_decay", "grad_clip", "workers",
+    *[(n, lambda v: v >= 0, "0 or more") for n in ("lr", "warmup_steps", "decay_steps", "weight_decay", "grad_clip", "workers",
                                                   "img_size", "window_size", "vocab_size", "max_minutes",
                                                   "gradcache_chunk", "eval_every", "log_every", "ckpt_every",
                                                   "det_channels", "det_blocks", "meter_layers", "meter_hidden",
@@ -461,10 +462,14 @@ def _owner(model: nn.Module, param_name: str):
 
 
 def lr_at(step: int, cfg: Config, total: int) -> float:
-    """Linear warmup over warmup_steps, then cosine from lr down to lr · min_lr_ratio at `total`."""
+    """Linear warmup over warmup_steps, then cosine from lr down to lr · min_lr_ratio at `total`. With
+    decay_steps > 0 the lr holds at lr after the warmup and the cosine spans the last decay_steps steps
+    alone (warmup–stable–decay, as MiniCPM trains): a run keeps a high lr for most of its steps and still
+    ends annealed, where a constant lr would leave the weights jittering from step to step."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
-    t = min(1.0, (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps))
+    start = cfg.warmup_steps if cfg.decay_steps <= 0 else max(cfg.warmup_steps, total - cfg.decay_steps)
+    t = min(1.0, max(0.0, (step - start) / max(1, total - start)))
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
 
 

@@ -26,6 +26,7 @@ context_managers.py (chunked re-forward, RandContext).
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import re
@@ -63,6 +64,7 @@ def _digest62(text: str, person: bytes) -> int:
     return int.from_bytes(h.digest(), "big") & _DIGEST_MASK
 
 
+@functools.lru_cache(maxsize=1 << 16)  # pure, and called for every caption of every step
 def caption_key(text: str) -> int:
     """Stable key of a caption: equal for captions equal after `normalize_caption`, on every process and
     every run (never Python's salted `hash`). In [0, 2⁶²)."""
@@ -94,6 +96,7 @@ def is_class_key(key: int) -> bool:
     return bool(key & CLASS_TAG)
 
 
+@functools.lru_cache(maxsize=1 << 16)  # a pure function of the string; captions repeat across steps
 def text_key(text: str) -> int:
     """The key y of a text in a batch (paper §2.2: identical texts share a key). A text that is one of the
     prompt TEMPLATES around a short caption ("a photo of a red circle.") takes the key of that short caption

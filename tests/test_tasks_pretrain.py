@@ -150,3 +150,22 @@ def test_synthetic_held_out_set_is_drawn_once_and_files_are_read_each_time(tmp_p
     files = make_trainer(tmp_path, "--eval_data", spec, "--max_steps", "1", name="files")
     files.task.evaluate(files.model, 0)
     assert files.task._eval_cache is None
+
+
+def test_the_cpu_demo_keeps_its_lr_up_and_other_runs_keep_the_cosine(tmp_path):
+    # `python train.py` (toy preset, synthetic data) runs the demo's schedule: 8e-4 after a 50-step warmup,
+    # held until the last 150 of 1,500 steps, then a cosine to 0; a flag still wins, and any other preset or
+    # data keeps the cosine recipe
+    import train
+
+    def cfg(*flags):
+        return train.resolved(train.parse_config(["--out_dir", str(tmp_path), *flags]))
+
+    demo = cfg()
+    assert (demo.max_steps, demo.lr, demo.warmup_steps, demo.decay_steps, demo.min_lr_ratio) == (1500, 8e-4, 50, 150, 0.0)
+    assert [train.lr_at(s, demo, 1500) for s in (50, 800, 1350)] == [8e-4] * 3
+    assert 0 < train.lr_at(1499, demo, 1500) < 1e-6 and train.lr_at(1425, demo, 1500) == pytest.approx(4e-4)
+    assert cfg("--lr", "1e-3").lr == 1e-3 and cfg("--lr", "1e-3").decay_steps == 150
+    other = cfg("--preset", "tiny")
+    assert (other.max_steps, other.lr, other.warmup_steps, other.decay_steps, other.min_lr_ratio) == (1500, 6e-4, 100, 0, 0.5)
+    assert train.lr_at(1499, other, 1500) < 0.6 * 6e-4

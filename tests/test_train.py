@@ -132,6 +132,19 @@ def test_lr_schedule_warms_up_then_decays_to_the_floor():
     assert lrs[110] == pytest.approx(0.1) and all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
 
 
+def test_lr_schedule_with_decay_steps_holds_then_anneals_at_the_end():
+    # warmup–stable–decay: the lr holds at its peak, then the cosine spans the last decay_steps steps alone
+    cfg = Config(lr=1.0, warmup_steps=10, min_lr_ratio=0.0, decay_steps=40)
+    lrs = [train.lr_at(s, cfg, 110) for s in range(111)]
+    assert lrs[9] == pytest.approx(1.0) and all(x == 1.0 for x in lrs[10:71])
+    assert lrs[90] == pytest.approx(0.5) and lrs[110] == pytest.approx(0.0)  # half-way through the decay, its end
+    assert all(a > b for a, b in zip(lrs[70:110], lrs[71:111]))
+    # a decay longer than the run after its warmup is the plain cosine
+    plain = Config(lr=1.0, warmup_steps=10, min_lr_ratio=0.0)
+    assert [train.lr_at(s, Config(**{**plain.__dict__, "decay_steps": 500}), 110) for s in range(111)] == \
+        [train.lr_at(s, plain, 110) for s in range(111)]
+
+
 def test_no_weight_decay_on_norms_biases_tables_embeddings_and_scale(tmp_path):
     t = make_trainer(tmp_path, name="wd")
     decay, no_decay = t.optimizer.param_groups

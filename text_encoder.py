@@ -674,13 +674,17 @@ class Block(nn.Module):
         self.ln_1, self.attn = nn.LayerNorm(cfg.width), SelfAttention(cfg)
         self.ln_2, self.mlp = nn.LayerNorm(cfg.width), MLP(cfg)
 
-    def forward(self, x, mask, is_causal: bool):
+    def forward(self, x, mask, is_causal: bool, rows: torch.Tensor | None = None):
+        """x (B, L, C) → (B, L, C). With rows (B,) long: only the output at position rows[b] of each row b,
+        (B, C), what the full output gives there, with mask the (B, 1, 1, L) keys those queries see; the MLP,
+        the output projection and the second norm run for those B tokens alone. (One entry point, so that
+        wrappers that act on a module's call, FSDP's unsharding and checkpointing, see both paths.)"""
+        if rows is not None:
+            return self._forward_rows(x, rows, mask)
         x = x + self.attn(self.ln_1(x), mask, is_causal)
         return x + self.mlp(self.ln_2(x))
 
-    def forward_rows(self, x, rows, key_mask):
-        """The block's output at position rows[b] of each row b, (B, C): what `forward(x)[b, rows[b]]` gives,
-        with the MLP, the output projection and the second norm applied to those B tokens alone."""
+    def _forward_rows(self, x, rows, key_mask):
         y = x[torch.arange(x.shape[0], device=x.device), rows] + self.attn.forward_rows(self.ln_1(x), rows, key_mask)
         return y + self.mlp(self.ln_2(y))
 
@@ -714,12 +718,11 @@ class TextEncoder(nn.Module):
             for lin in (blk.attn.qkv, blk.attn.proj, blk.mlp.fc, blk.mlp.proj):
                 nn.init.zeros_(lin.bias)
 
-    def _block(self, blk, *args, rows: bool = False):
+    def _block(self, blk, *args):
         """One block, through torch.utils.checkpoint while training with grad_checkpointing."""
-        fn = blk.forward_rows if rows else blk
         if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-            return checkpoint(fn, *args, use_reentrant=False)
-        return fn(*args)
+            return checkpoint(blk, *args, use_reentrant=False)
+        return blk(*args)
 
     def _check_shape(self, tokens: torch.Tensor):
         if tokens.dim() != 2:
@@ -778,7 +781,7 @@ class TextEncoder(nn.Module):
         keys = torch.ones_like(tokens, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
         if self.cfg.causal:  # the <eot> query sees the keys up to its own position, as row eot of the causal mask
             keys = keys & (torch.arange(L, device=tokens.device)[None, :] <= eot[:, None])
-        x = self._block(self.blocks[-1], x, eot, keys[:, None, None, :], rows=True)  # (B, C)
+        x = self._block(self.blocks[-1], x, keys[:, None, None, :], False, eot)  # (B, C)
         return self.ln_final(x)
 
 

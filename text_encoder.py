@@ -731,6 +731,13 @@ class TextEncoder(nn.Module):
             raise ValueError(f"{tokens.shape[1]} tokens exceed the context length {self.cfg.context_length}; "
                              f"tokenize with context_length={self.cfg.context_length}")
 
+    def _key_mask(self, tokens: torch.Tensor, attention_mask: torch.Tensor | None):
+        """(B, L) bool of the keys any query may see, or None for all: the given mask, else the pads masked
+        when bidirectional (causal attention needs none: pads follow <eot>)."""
+        if attention_mask is None and not self.cfg.causal:
+            attention_mask = tokens != self.cfg.pad_id
+        return None if attention_mask is None else attention_mask.bool()
+
     def forward_tokens(self, tokens: torch.Tensor, attention_mask: torch.Tensor | None = None,
                        blocks: int | None = None):
         """tokens: (B, L) long → all token states (B, L, width) after the final LayerNorm.
@@ -743,11 +750,10 @@ class TextEncoder(nn.Module):
         self._check_shape(tokens)
         L = tokens.shape[1]
         causal = self.cfg.causal
-        if attention_mask is None and not causal:
-            attention_mask = tokens != self.cfg.pad_id
+        attention_mask = self._key_mask(tokens, attention_mask)
         mask, is_causal = None, causal
         if attention_mask is not None:
-            mask = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, L): key j visible to all queries
+            mask = attention_mask[:, None, None, :]  # (B, 1, 1, L): key j visible to all queries
             if causal:
                 mask = mask & torch.ones(L, L, dtype=torch.bool, device=tokens.device).tril()
                 is_causal = False  # SDPA takes either is_causal or an explicit mask
@@ -776,9 +782,8 @@ class TextEncoder(nn.Module):
             return x[torch.arange(x.shape[0], device=x.device), eot]
         x = self.forward_tokens(tokens, attention_mask, blocks=len(self.blocks) - 1)
         L = tokens.shape[1]
-        if attention_mask is None and not self.cfg.causal:
-            attention_mask = tokens != self.cfg.pad_id
-        keys = torch.ones_like(tokens, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+        keys = self._key_mask(tokens, attention_mask)
+        keys = torch.ones_like(tokens, dtype=torch.bool) if keys is None else keys
         if self.cfg.causal:  # the <eot> query sees the keys up to its own position, as row eot of the causal mask
             keys = keys & (torch.arange(L, device=tokens.device)[None, :] <= eot[:, None])
         x = self._block(self.blocks[-1], x, keys[:, None, None, :], False, eot)  # (B, C)

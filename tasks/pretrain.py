@@ -297,7 +297,7 @@ class PretrainTask(Task):
         ds = self.eval_dataset()
         loader = DataLoader(ds, batch_size=128, shuffle=False, collate_fn=self.collate, num_workers=0,
                             generator=torch.Generator())  # its own generator: evaluation draws no global RNG
-        if not is_synthetic(self.cfg.eval_data or self.cfg.data):
+        if not is_synthetic(self.cfg.eval_data):  # resolved: "" became "synthetic" or "holdout"
             return loader
         kept, size, batches = [], 0, iter(loader)
         for batch in batches:
